@@ -1,0 +1,309 @@
+"""Per-tensor Top-KAST state and the in-place step mechanics; works with any torch optimizer, no Lightning needed.
+
+Between optimizer steps every masked parameter holds exactly its forward weights α = θ on A, 0 elsewhere, so
+anything that reads the parameter (modules, functional calls, tied weights, ``state_dict``) sees the sparse model.
+The dense θ lives here. One step (DESIGN.md):
+
+1. :meth:`TopKAST.before_step` (after backward and unscaling, before clipping): the gradient is kept on B only, the
+   exploration penalty's gradient is added, and θ on B \\ A is written into the parameter so that the update
+   applies to the true values of B.
+2. the optimizer updates the parameter.
+3. a step post-hook: θ takes the new values on B and keeps its old ones outside B (whatever the update wrote there,
+   weight decay or momentum drift, is discarded); every ``update_interval`` steps A and B are re-selected from |θ|;
+   optimizer state outside B is zeroed; α is written back.
+
+Use without Lightning::
+
+    engine = TopKAST(params, densities)      # params: {name: nn.Parameter}; densities: {name: (D, D + M)}
+    engine.attach([optimizer])
+    for batch in data:
+        loss(model, batch).backward()
+        engine.before_step(optimizer)
+        optimizer.step()                     # the post-hook finishes the step
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_topkast.regularizer import penalty_grad
+from lightning_topkast.selection import forward_backward_sets, global_forward_backward_sets, turnover
+
+STATE_VERSION = 1
+
+RefreshListener = Callable[[dict[str, tuple[int, int]]], None]
+
+
+@dataclass
+class MaskedTensor:
+    """One masked parameter: its dense values θ, forward set A, backward set B and every weight ever in A."""
+
+    name: str
+    param: nn.Parameter
+    forward_density: float
+    backward_density: float
+    in_global_pool: bool
+    theta: Tensor = field(init=False)
+    forward_set: Tensor = field(init=False)
+    backward_set: Tensor = field(init=False)
+    ever_active: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.theta = self.param.detach().clone()
+        self.forward_set = torch.ones_like(self.theta, dtype=torch.bool)
+        self.backward_set = torch.ones_like(self.theta, dtype=torch.bool)
+        self.ever_active = torch.zeros_like(self.theta, dtype=torch.bool)
+
+    @property
+    def numel(self) -> int:
+        """Number of weights in the tensor."""
+        return self.theta.numel()
+
+    def set_masks(self, forward_set: Tensor, backward_set: Tensor) -> tuple[int, int]:
+        """Install new sets; returns the turnover ``(left, size)`` of the forward set."""
+        moved = turnover(self.forward_set, forward_set)
+        self.forward_set, self.backward_set = forward_set, backward_set
+        self.ever_active |= forward_set
+        return moved
+
+    @torch.no_grad()
+    def write_forward_weights(self) -> None:
+        """Make the parameter hold α: θ on A, exactly 0 elsewhere."""
+        self.param.copy_(torch.where(self.forward_set, self.theta, 0))
+
+
+class TopKAST:
+    """Top-KAST over a set of named parameters, stepped by one or more torch optimizers.
+
+    Args:
+        params: the parameters to mask, by name, in a fixed order.
+        densities: ``{name: (D, D + M)}``, the forward and backward density of each tensor.
+        update_interval: optimizer steps between refreshes of A and B (counted per optimizer).
+        penalty: the exploration penalty's strength λ; 0 turns it off.
+        decoupled_penalty: apply the penalty to the weights after the update (scaled by the learning rate, outside
+            momentum) instead of through the gradient.
+        global_pool: names ranked together by one top-k at each refresh instead of per tensor; they must share
+            one (D, D + M).
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, nn.Parameter],
+        densities: Mapping[str, tuple[float, float]],
+        *,
+        update_interval: int = 100,
+        penalty: float = 1e-4,
+        decoupled_penalty: bool = False,
+        global_pool: Collection[str] = (),
+    ) -> None:
+        self.tensors = {
+            name: MaskedTensor(name, param, *densities[name], in_global_pool=name in global_pool)
+            for name, param in params.items()
+        }
+        if len({self.tensors[name].forward_density for name in global_pool}) > 1:
+            raise ValueError("tensors in the global pool must share one forward density")
+        self.update_interval = update_interval
+        self.penalty = penalty
+        self.decoupled_penalty = decoupled_penalty
+        self.steps: list[int] = []
+        self.refreshes = 0
+        self.skipped_steps = 0
+        self.refresh_listeners: list[RefreshListener] = []
+        self._groups: list[list[MaskedTensor]] = []
+        self._optimizers: list[Optimizer] = []
+        self._handles: list[RemovableHandle] = []
+        self._pending: list[MaskedTensor] = []
+        self.refresh(list(self.tensors.values()))
+
+    # --- optimizer wiring -------------------------------------------------------------------------------------
+
+    def attach(self, optimizers: Sequence[Optimizer]) -> None:
+        """Step with ``optimizers``: each refreshes the tensors it owns after every ``update_interval`` of its steps."""
+        self.detach()
+        owner = {id(p): i for i, opt in enumerate(optimizers) for group in opt.param_groups for p in group["params"]}
+        self._optimizers = list(optimizers)
+        self._groups = [[] for _ in optimizers]
+        for tensor in self.tensors.values():
+            if id(tensor.param) in owner:
+                self._groups[owner[id(tensor.param)]].append(tensor)
+        self.steps += [0] * (len(optimizers) - len(self.steps))
+        for i, opt in enumerate(optimizers):
+            self._handles.append(opt.register_step_post_hook(lambda opt, args, kwargs, i=i: self._after_step(i)))
+
+    @property
+    def attached(self) -> bool:
+        """Whether step post-hooks are registered on optimizers."""
+        return bool(self._handles)
+
+    def detach(self) -> None:
+        """Remove the step post-hooks; the parameters keep holding α."""
+        self.restore_forward_weights()
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._groups, self._optimizers = [], [], []
+
+    def _index(self, optimizer: Optimizer) -> int:
+        for i, opt in enumerate(self._optimizers):
+            if opt is optimizer:
+                return i
+        raise RuntimeError("TopKAST.before_step got an optimizer that was not attached; call attach() first")
+
+    # --- one step -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def before_step(self, optimizer: Optimizer) -> None:
+        """Prepare the tensors ``optimizer`` owns for its update (after backward, before clipping and the step)."""
+        self.restore_forward_weights()
+        for tensor in self._groups[self._index(optimizer)]:
+            grad = tensor.param.grad
+            if grad is None:
+                continue  # unused this step: the optimizer skips it too
+            if grad.is_sparse:
+                raise TypeError(
+                    f"{tensor.name} has a sparse gradient (nn.Embedding(sparse=True)); Top-KAST masks dense "
+                    "gradients: build the embedding with sparse=False or exclude it"
+                )
+            B = tensor.backward_set
+            tensor.param.copy_(torch.where(B, tensor.theta, 0))
+            # `where`, not a product: a NaN or inf outside B must not reach the update.
+            masked = torch.where(B, grad, 0)
+            if self.penalty and not self.decoupled_penalty:
+                masked += penalty_grad(tensor.param, tensor.forward_set, B, tensor.forward_density, self.penalty)
+            grad.copy_(masked)
+            self._pending.append(tensor)
+
+    @torch.no_grad()
+    def _after_step(self, index: int) -> None:
+        group = self._groups[index]
+        pending_ids = {id(t) for t in self._pending}
+        pending = [t for t in group if id(t) in pending_ids]
+        if group and not pending and any(t.param.grad is not None for t in group):
+            raise RuntimeError(
+                "optimizer.step() ran without TopKAST.before_step(optimizer): the update used unmasked gradients. "
+                "Under Lightning, step through the LightningOptimizer (self.optimizers()), not its .optimizer"
+            )
+        lrs = self._learning_rates(index) if self.decoupled_penalty and self.penalty else {}
+        for tensor in pending:
+            tensor.theta.copy_(torch.where(tensor.backward_set, tensor.param, tensor.theta))
+            if lrs:
+                tensor.theta -= lrs[id(tensor.param)] * penalty_grad(
+                    tensor.theta, tensor.forward_set, tensor.backward_set, tensor.forward_density, self.penalty
+                )
+        self._pending = [t for t in self._pending if id(t) not in {id(p) for p in pending}]
+        self.steps[index] += 1
+        if self.steps[index] % self.update_interval == 0:
+            self.refresh(group)
+        state = self._optimizers[index].state
+        for tensor in group:
+            for value in state.get(tensor.param, {}).values():
+                if isinstance(value, Tensor) and value.shape == tensor.param.shape:
+                    value.copy_(torch.where(tensor.backward_set, value, 0))
+            tensor.write_forward_weights()
+
+    def _learning_rates(self, index: int) -> dict[int, float]:
+        return {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]}
+
+    @torch.no_grad()
+    def restore_forward_weights(self) -> int:
+        """Write α back into parameters prepared by :meth:`before_step` whose step never ran; returns how many.
+
+        A GradScaler skips steps with non-finite gradients, and a module may skip a step itself: the parameter
+        then still holds θ on B \\ A and must hold α before the next forward.
+        """
+        skipped = len(self._pending)
+        for tensor in self._pending:
+            tensor.write_forward_weights()
+        self._pending = []
+        if skipped:
+            self.skipped_steps += 1
+        return skipped
+
+    # --- refresh --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def refresh(self, tensors: Sequence[MaskedTensor]) -> None:
+        """Re-select A and B of ``tensors`` from |θ| over all entries (the whole global pool if any is in it)."""
+        moved: dict[str, tuple[int, int]] = {}
+        for tensor in tensors:
+            if not tensor.in_global_pool:
+                moved[tensor.name] = tensor.set_masks(
+                    *forward_backward_sets(tensor.theta, tensor.forward_density, tensor.backward_density)
+                )
+        if any(t.in_global_pool for t in tensors):
+            pool = [t for t in self.tensors.values() if t.in_global_pool]
+            sets = global_forward_backward_sets(
+                [t.theta for t in pool], pool[0].forward_density, pool[0].backward_density
+            )
+            for tensor, (forward_set, backward_set) in zip(pool, sets, strict=True):
+                moved[tensor.name] = tensor.set_masks(forward_set, backward_set)
+        for tensor in tensors:
+            tensor.write_forward_weights()
+        self.refreshes += 1
+        for listener in self.refresh_listeners:
+            listener(moved)
+
+    # --- checkpointing --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain state: versioned, tensors and numbers only, loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "version": STATE_VERSION,
+            "steps": list(self.steps),
+            "refreshes": self.refreshes,
+            "skipped_steps": self.skipped_steps,
+            "tensors": {
+                name: {
+                    "shape": list(t.theta.shape),
+                    "forward_density": t.forward_density,
+                    "backward_density": t.backward_density,
+                    "in_global_pool": t.in_global_pool,
+                    "theta": t.theta,
+                    "forward_set": t.forward_set,
+                    "backward_set": t.backward_set,
+                    "ever_active": t.ever_active,
+                }
+                for name, t in self.tensors.items()
+            },
+        }
+
+    def differences(self, state: Mapping[str, Any]) -> list[str]:
+        """What in ``state`` does not fit these tensors (names, shapes, densities); empty when it loads as is."""
+        if state.get("version") != STATE_VERSION:
+            return [f"state version {state.get('version')!r}, expected {STATE_VERSION}"]
+        saved: Mapping[str, Any] = state["tensors"]
+        problems = [f"{name}: in the checkpoint, not masked now" for name in saved if name not in self.tensors]
+        problems += [f"{name}: masked now, not in the checkpoint" for name in self.tensors if name not in saved]
+        for name in saved.keys() & self.tensors.keys():
+            now, then = self.tensors[name], saved[name]
+            if list(now.theta.shape) != list(then["shape"]):
+                problems.append(f"{name}: shape {list(then['shape'])} in the checkpoint, {list(now.theta.shape)} now")
+            for key in ("forward_density", "backward_density", "in_global_pool"):
+                if not math.isclose(float(getattr(now, key)), float(then[key]), rel_tol=1e-9, abs_tol=1e-12):
+                    problems.append(f"{name}: {key} {then[key]} in the checkpoint, {getattr(now, key)} now")
+        return sorted(problems)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore θ, the sets and the counters; raises ``ValueError`` listing every difference."""
+        problems = self.differences(state)
+        if problems:
+            raise ValueError("Top-KAST state does not fit the masked tensors: " + "; ".join(problems))
+        for name, saved in state["tensors"].items():
+            tensor = self.tensors[name]
+            tensor.theta.copy_(saved["theta"])
+            tensor.forward_set = saved["forward_set"].to(device=tensor.theta.device, dtype=torch.bool)
+            tensor.backward_set = saved["backward_set"].to(device=tensor.theta.device, dtype=torch.bool)
+            tensor.ever_active = saved["ever_active"].to(device=tensor.theta.device, dtype=torch.bool)
+            tensor.write_forward_weights()
+        self.steps = [int(s) for s in state["steps"]] + self.steps[len(state["steps"]) :]
+        self.refreshes = int(state["refreshes"])
+        self.skipped_steps = int(state["skipped_steps"])
