@@ -204,12 +204,7 @@ class TopKASTCallback(Callback):
     # --- internals ----------------------------------------------------------------------------------------------
 
     def _check_trainer(self, trainer: Trainer) -> None:
-        strategy = type(trainer.strategy)
-        if any(cls.__name__ in _SHARDED_STRATEGIES for cls in strategy.__mro__):
-            raise ValueError(
-                f"TopKASTCallback does not support Trainer(strategy={strategy.__name__}): sharded parameters would "
-                "make the top-k per shard, a different algorithm. Use strategy='ddp' (or a single device)."
-            )
+        check_strategy(trainer.strategy)
         mine = [cb for cb in trainer.callbacks if isinstance(cb, TopKASTCallback)]
         if len(mine) > 1:
             raise ValueError(
@@ -224,9 +219,9 @@ class TopKASTCallback(Callback):
         pinned = self._pinned(masked)
         free = {name: tuple(p.shape) for name, p in masked.items() if name not in pinned}
         densities = distributions.forward_backward_densities(
-            self.distribution, free, 1 - self.forward_sparsity, 1 - self.backward_sparsity
+            self.distribution, free, _density(self.forward_sparsity), _density(self.backward_sparsity)
         )
-        densities.update({name: (1 - f, 1 - b) for name, (f, b) in pinned.items()})
+        densities.update({name: (_density(f), _density(b)) for name, (f, b) in pinned.items()})
         global_pool = list(free) if self.distribution == "global" else []
         self._check_model(pl_module, masked, densities, global_pool)
         self.kept_dense = selection.kept_dense
@@ -361,6 +356,21 @@ class TopKASTCallback(Callback):
         if self.engine is None:
             raise RuntimeError("TopKASTCallback has no masks yet: they are built at the start of Trainer.fit")
         return self.engine
+
+
+def check_strategy(strategy: object) -> None:
+    """Raise for strategies that shard parameters (FSDP, DeepSpeed, model parallel): not supported yet."""
+    name = type(strategy).__name__
+    if any(cls.__name__ in _SHARDED_STRATEGIES for cls in type(strategy).__mro__):
+        raise ValueError(
+            f"TopKASTCallback does not support Trainer(strategy={name}): it shards parameters, and a top-k per shard "
+            "is a different algorithm from Top-KAST's per-tensor top-k. Use strategy='ddp' or a single device."
+        )
+
+
+def _density(sparsity: float) -> float:
+    # 1 - 0.8 is 0.19999999999999996 in floats; rounding keeps summaries and checkpoints free of that noise
+    return round(1.0 - sparsity, 12)
 
 
 def _fraction(argument: str, value: Any, upper: float, closed: bool = True) -> float:

@@ -288,7 +288,7 @@ class TopKAST:
                 problems.append(f"{name}: shape {list(then['shape'])} in the checkpoint, {list(now.theta.shape)} now")
             for key in ("forward_density", "backward_density", "in_global_pool"):
                 if not math.isclose(float(getattr(now, key)), float(then[key]), rel_tol=1e-9, abs_tol=1e-12):
-                    problems.append(f"{name}: {key} {then[key]} in the checkpoint, {getattr(now, key)} now")
+                    problems.append(f"{name}: {key} {_show(then[key])} in the checkpoint, {_show(getattr(now, key))} now")
         return sorted(problems)
 
     @torch.no_grad()
@@ -307,3 +307,7 @@ class TopKAST:
         self.steps = [int(s) for s in state["steps"]] + self.steps[len(state["steps"]) :]
         self.refreshes = int(state["refreshes"])
         self.skipped_steps = int(state["skipped_steps"])
+
+
+def _show(value: object) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
