@@ -25,7 +25,7 @@ _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrate
 
 
 class TopKASTCallback(Callback):
-    """Train any LightningModule with Top-KAST (Jayakumar et al., 2020): always-sparse forward and backward passes.
+    r"""Train any LightningModule with Top-KAST (Jayakumar et al., 2020): always-sparse forward and backward passes.
 
     Each masked tensor runs forward on its top ``1 - forward_sparsity`` weights by magnitude (the forward set A) and
     updates its top ``1 - backward_sparsity`` (the backward set B ⊇ A); an exploration penalty keeps A from
@@ -37,7 +37,7 @@ class TopKASTCallback(Callback):
         forward_sparsity: fraction of each masked tensor that is zero in the forward pass (D = 1 - it), in [0, 1).
         backward_sparsity: fraction that receives no gradient, in [0, forward_sparsity]; equal means B = A.
         update_interval: optimizer steps between refreshes of A and B; 1 is the method as written.
-        exploration_penalty: λ of the penalty λ/2·Σ c·θ² (c = 1 on A, 1/D on B \\ A); 0 turns it off.
+        exploration_penalty: λ of the penalty λ/2·Σ c·θ² (c = 1 on A, 1/D on B \ A); 0 turns it off.
         decoupled_penalty: apply the penalty to the weights after each update, scaled by the learning rate and
             outside momentum (as SparseML does), instead of through the gradient.
         distribution: how the density is spread: ``"uniform"`` (same per tensor), ``"erk"`` (Erdős–Rényi-Kernel,
@@ -119,7 +119,7 @@ class TopKASTCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._check_trainer(trainer)
+            check_strategy(trainer.strategy)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -202,15 +202,6 @@ class TopKASTCallback(Callback):
         return metrics
 
     # --- internals ----------------------------------------------------------------------------------------------
-
-    def _check_trainer(self, trainer: Trainer) -> None:
-        check_strategy(trainer.strategy)
-        mine = [cb for cb in trainer.callbacks if isinstance(cb, TopKASTCallback)]
-        if len(mine) > 1:
-            raise ValueError(
-                f"Trainer(callbacks=[...]) holds {len(mine)} TopKASTCallback instances; they would fight over the "
-                "same weights. Keep one, and use sparsity_overrides for per-tensor densities."
-            )
 
     def _build_engine(self, pl_module: LightningModule) -> TopKAST:
         selection = self.select_targets(pl_module)

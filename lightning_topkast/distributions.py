@@ -44,7 +44,7 @@ def erk(shapes: Shapes, density: float) -> dict[str, float]:
         budget = density * sum(numel.values()) - sum(numel[name] for name in dense)
         divisor = sum(raw[name] * numel[name] for name in free)
         if not free or divisor == 0:
-            return {name: 1.0 for name in shapes}
+            return dict.fromkeys(shapes, 1.0)
         scale = budget / divisor
         too_dense = {name for name in free if scale * raw[name] > 1.0}
         if not too_dense:

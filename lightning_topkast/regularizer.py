@@ -1,8 +1,8 @@
-"""The exploration penalty of Top-KAST and its exact gradient.
+r"""The exploration penalty of Top-KAST and its exact gradient.
 
-Per entry the penalty weight is c = 1 on the forward set A, 1/D on the exploration set B \\ A and 0 outside the
+Per entry the penalty weight is c = 1 on the forward set A, 1/D on the exploration set B \ A and 0 outside the
 backward set B; the penalty is ``strength / 2 * sum(c * θ²)`` on the dense θ (METHOD.md, rule 3). Weights in A are
-kept from entrenching themselves, and weights in B \\ A must earn their way in against a penalty 1/D times stronger.
+kept from entrenching themselves, and weights in B \ A must earn their way in against a penalty 1/D times stronger.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import Tensor
 
 
 def penalty_weights(forward_set: Tensor, backward_set: Tensor, forward_density: float) -> Tensor:
-    """Per-entry weight c: 1 on A, 1/D on B \\ A, 0 outside B.
+    r"""Per-entry weight c: 1 on A, 1/D on B \ A, 0 outside B.
 
     Examples:
         >>> penalty_weights(torch.tensor([True, False, False]), torch.tensor([True, True, False]), 0.25).tolist()
@@ -24,7 +24,9 @@ def penalty_weights(forward_set: Tensor, backward_set: Tensor, forward_density: 
     return torch.where(forward_set, 1.0, exploration)
 
 
-def penalty(theta: Tensor, forward_set: Tensor, backward_set: Tensor, forward_density: float, strength: float) -> Tensor:
+def penalty(
+    theta: Tensor, forward_set: Tensor, backward_set: Tensor, forward_density: float, strength: float
+) -> Tensor:
     """The penalty's value, ``strength / 2 * sum(c * θ²)``, as a 0-dim tensor in θ's dtype.
 
     Examples:

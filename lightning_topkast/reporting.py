@@ -105,9 +105,9 @@ def format_table(rows: list[dict[str, object]], kept_dense: Mapping[str, str], o
         ...        "backward_density": 0.5, "forward_set": 4, "backward_set": 10}
         >>> print(format_table([row], {"stem.weight": "first layer"}, 140))
           | Name      | Shape  | Params | Fwd density | Bwd density | |A| | |B|
-        ----------------------------------------------------------------------
+        -----------------------------------------------------------------------
         0 | fc.weight | (4, 5) | 20     | 0.200       | 0.500       | 4   | 10
-        ----------------------------------------------------------------------
+        -----------------------------------------------------------------------
         Top-KAST masks 20 weights in 1 tensors: 4 in forward sets (0.200), 10 in backward sets (0.500)
         Kept dense: stem.weight (first layer)
         Callback memory: 140 B (dense values and masks)
@@ -127,7 +127,9 @@ def format_table(rows: list[dict[str, object]], kept_dense: Mapping[str, str], o
         for i, r in enumerate(rows)
     ]
     widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
-    lines = [" | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
+    lines = [
+        " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]
+    ]
     rule = "-" * max(len(line) for line in lines)
     numel = sum(int(r["numel"]) for r in rows)  # type: ignore[call-overload]
     in_a = sum(int(r["forward_set"]) for r in rows)  # type: ignore[call-overload]

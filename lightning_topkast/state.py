@@ -1,11 +1,11 @@
-"""Per-tensor Top-KAST state and the in-place step mechanics; works with any torch optimizer, no Lightning needed.
+r"""Per-tensor Top-KAST state and the in-place step mechanics; works with any torch optimizer, no Lightning needed.
 
 Between optimizer steps every masked parameter holds exactly its forward weights α = θ on A, 0 elsewhere, so
 anything that reads the parameter (modules, functional calls, tied weights, ``state_dict``) sees the sparse model.
 The dense θ lives here. One step (DESIGN.md):
 
 1. :meth:`TopKAST.before_step` (after backward and unscaling, before clipping): the gradient is kept on B only, the
-   exploration penalty's gradient is added, and θ on B \\ A is written into the parameter so that the update
+   exploration penalty's gradient is added, and θ on B \ A is written into the parameter so that the update
    applies to the true values of B.
 2. the optimizer updates the parameter.
 3. a step post-hook: θ takes the new values on B and keeps its old ones outside B (whatever the update wrote there,
@@ -214,10 +214,10 @@ class TopKAST:
 
     @torch.no_grad()
     def restore_forward_weights(self) -> int:
-        """Write α back into parameters prepared by :meth:`before_step` whose step never ran; returns how many.
+        r"""Write α back into parameters prepared by :meth:`before_step` whose step never ran; returns how many.
 
         A GradScaler skips steps with non-finite gradients, and a module may skip a step itself: the parameter
-        then still holds θ on B \\ A and must hold α before the next forward.
+        then still holds θ on B \ A and must hold α before the next forward.
         """
         skipped = len(self._pending)
         for tensor in self._pending:
@@ -288,7 +288,9 @@ class TopKAST:
                 problems.append(f"{name}: shape {list(then['shape'])} in the checkpoint, {list(now.theta.shape)} now")
             for key in ("forward_density", "backward_density", "in_global_pool"):
                 if not math.isclose(float(getattr(now, key)), float(then[key]), rel_tol=1e-9, abs_tol=1e-12):
-                    problems.append(f"{name}: {key} {_show(then[key])} in the checkpoint, {_show(getattr(now, key))} now")
+                    problems.append(
+                        f"{name}: {key} {_show(then[key])} in the checkpoint, {_show(getattr(now, key))} now"
+                    )
         return sorted(problems)
 
     @torch.no_grad()

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _digits_example() -> ModuleType:
     spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["digits_example"] = module
     spec.loader.exec_module(module)
@@ -56,7 +57,8 @@ def test_yaml_callback_trains_the_module_sparse(tmp_path: Path, capsys: pytest.C
     callback = callbacks[0]
     assert (callback.forward_sparsity, callback.backward_sparsity, callback.update_interval) == (0.8, 0.5, 20)
     assert callback.distribution == "erk"
-    assert callback.engine is not None and callback.engine.steps == [7]
+    assert callback.engine is not None
+    assert callback.engine.steps == [7]
     assert sorted(callback.engine.tensors) == ["net.2.weight", "net.4.weight"]
     total_forward = 0
     for tensor in callback.engine.tensors.values():

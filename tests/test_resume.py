@@ -41,7 +41,9 @@ def test_resume_is_bit_exact(tmp_path: Path, optimizer: str) -> None:
 
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert reference_callback is not None and callback.engine is not None and reference_callback.engine is not None
+    assert reference_callback is not None
+    assert callback.engine is not None
+    assert reference_callback.engine is not None
     assert callback.engine.steps == reference_callback.engine.steps == [2 * STEPS_PER_EPOCH]
     assert callback.engine.refreshes == reference_callback.engine.refreshes
     for name, expected in reference_callback.engine.tensors.items():
@@ -61,7 +63,7 @@ def test_resume_without_callback_is_bit_exact_too(tmp_path: Path) -> None:
 
 
 def test_checkpoint_state_loads_with_weights_only(tmp_path: Path) -> None:
-    model, callback, ckpt = _fit_two_epochs(tmp_path, "sgd", with_callback=True)
+    _model, _callback, ckpt = _fit_two_epochs(tmp_path, "sgd", with_callback=True)
     state = torch.load(ckpt, weights_only=True)["callbacks"]["TopKASTCallback"]
     assert state["version"] == 1
     assert state["config"]["forward_sparsity"] == 0.8
