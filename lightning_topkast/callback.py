@@ -191,9 +191,12 @@ class TopKASTCallback(Callback):
         """The flat ``topkast/...`` metrics dict the callback logs."""
         engine = self._require_engine()
         metrics = reporting.density_metrics(engine.tensors, self.exploration_penalty, self.log_per_tensor)
-        if self._turnover.update_count:
-            metrics[f"{reporting.PREFIX}/turnover"] = float(self._turnover.compute())
-            self._turnover.reset()
+        # always logged: Lightning repeats a step metric's last value at later log steps, so an absent key would
+        # show the previous refresh's turnover again; with no refresh since the last log, nothing moved.
+        metrics[f"{reporting.PREFIX}/turnover"] = (
+            float(self._turnover.compute()) if self._turnover.update_count else 0.0
+        )
+        self._turnover.reset()
         train, inference = reporting.flops_fractions(self._layer_costs())
         metrics[f"{reporting.PREFIX}/train_flops_fraction"] = train
         metrics[f"{reporting.PREFIX}/inference_flops_fraction"] = inference

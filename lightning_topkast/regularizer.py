@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 
-def penalty_weights(forward_set: Tensor, backward_set: Tensor, forward_density: float) -> Tensor:
+def penalty_weights(
+    forward_set: Tensor, backward_set: Tensor, forward_density: float, dtype: torch.dtype = torch.float32
+) -> Tensor:
     r"""Per-entry weight c: 1 on A, 1/D on B \ A, 0 outside B.
 
     Examples:
@@ -20,8 +22,9 @@ def penalty_weights(forward_set: Tensor, backward_set: Tensor, forward_density: 
     """
     if not 0.0 < forward_density <= 1.0:
         raise ValueError(f"forward_density must be in (0, 1], got {forward_density}")
-    exploration = torch.where(backward_set, 1.0 / forward_density, 0.0)
-    return torch.where(forward_set, 1.0, exploration)
+    # built in the target dtype, so 1/D is exact to that precision (float64 θ gets a float64 1/D)
+    weights = torch.zeros(backward_set.shape, dtype=dtype, device=backward_set.device)
+    return weights.masked_fill_(backward_set, 1.0 / forward_density).masked_fill_(forward_set, 1.0)
 
 
 def penalty(
@@ -34,7 +37,7 @@ def penalty(
         >>> penalty(torch.tensor([2.0, 1.0, 5.0]), a, b, 0.5, strength=0.1).item()
         0.30000001192092896
     """
-    c = penalty_weights(forward_set, backward_set, forward_density).to(theta.dtype)
+    c = penalty_weights(forward_set, backward_set, forward_density, theta.dtype)
     return 0.5 * strength * (c * theta.detach() * theta.detach()).sum()
 
 
@@ -48,5 +51,5 @@ def penalty_grad(
         >>> penalty_grad(torch.tensor([2.0, 1.0, 5.0]), a, b, 0.5, strength=0.1).tolist()
         [0.20000000298023224, 0.20000000298023224, 0.0]
     """
-    c = penalty_weights(forward_set, backward_set, forward_density).to(theta.dtype)
+    c = penalty_weights(forward_set, backward_set, forward_density, theta.dtype)
     return strength * c * theta.detach()

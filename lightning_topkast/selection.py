@@ -23,27 +23,43 @@ def count(density: float, numel: int) -> int:
     return min(numel, math.floor(density * numel + 0.5))
 
 
+def magnitude_scores(theta: Tensor) -> Tensor:
+    """Flat ``|θ|`` with NaN ranked below every real magnitude, so the order is total and deterministic."""
+    scores = theta.detach().flatten().abs()
+    return torch.where(torch.isnan(scores), -1.0, scores)
+
+
 def magnitude_order(theta: Tensor) -> Tensor:
     """Flat indices of ``theta`` by decreasing ``|θ|``; ties by increasing index, NaN last.
+
+    This is the order every selection here follows; :func:`top_mask` computes its prefixes without sorting.
 
     Examples:
         >>> magnitude_order(torch.tensor([0.5, -2.0, 0.5, float("nan"), 1.0])).tolist()
         [1, 4, 0, 2, 3]
     """
-    scores = theta.detach().flatten().abs()
-    # NaN would sort arbitrarily; ranking it below every real magnitude keeps the order total and deterministic.
-    scores = torch.where(torch.isnan(scores), -1.0, scores)
-    return torch.argsort(scores, descending=True, stable=True)
+    return torch.argsort(magnitude_scores(theta), descending=True, stable=True)
 
 
-def nested_masks(order: Tensor, counts: Sequence[int], shape: torch.Size) -> list[Tensor]:
-    """Boolean masks of ``shape`` holding the first ``counts[i]`` entries of ``order``; nested when counts grow."""
-    masks = []
-    for k in counts:
-        mask = torch.zeros(order.numel(), dtype=torch.bool, device=order.device)
-        mask[order[:k]] = True
-        masks.append(mask.view(shape))
-    return masks
+def top_mask(scores: Tensor, k: int) -> Tensor:
+    """Flat bool mask of the ``k`` largest ``scores``, ties taken by increasing index: exactly ``k`` entries.
+
+    Equal to the first ``k`` of a stable descending sort, in two passes (a k-th value select and a compare) instead of
+    a sort, which is several times faster on large tensors.
+
+    Examples:
+        >>> top_mask(torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0]), 3).tolist()
+        [False, True, True, True, False]
+    """
+    n = scores.numel()
+    if k <= 0 or k >= n:
+        return torch.full((n,), k > 0, dtype=torch.bool, device=scores.device)
+    threshold = torch.kthvalue(scores, n - k + 1).values
+    mask = scores > threshold
+    missing = k - int(mask.sum())
+    if missing:
+        mask[torch.nonzero(scores == threshold).flatten()[:missing]] = True
+    return mask
 
 
 def forward_backward_sets(theta: Tensor, forward_density: float, backward_density: float) -> tuple[Tensor, Tensor]:
@@ -57,10 +73,10 @@ def forward_backward_sets(theta: Tensor, forward_density: float, backward_densit
         ([[0, 1], [0, 0]], [[0, 1], [1, 0]])
     """
     _check_densities(forward_density, backward_density)
-    n = theta.numel()
-    forward_set, backward_set = nested_masks(
-        magnitude_order(theta), [count(forward_density, n), count(backward_density, n)], theta.shape
-    )
+    scores, n = magnitude_scores(theta), theta.numel()
+    # both sets are prefixes of one total order, so A ⊆ B
+    forward_set = top_mask(scores, count(forward_density, n)).view(theta.shape)
+    backward_set = top_mask(scores, count(backward_density, n)).view(theta.shape)
     return forward_set, backward_set
 
 
@@ -75,11 +91,10 @@ def global_forward_backward_sets(
         [([1, 0], [1, 0]), ([0, 1], [1, 1])]
     """
     _check_densities(forward_density, backward_density)
-    flat = torch.cat([t.detach().flatten() for t in thetas])
-    n = flat.numel()
-    forward_flat, backward_flat = nested_masks(
-        magnitude_order(flat), [count(forward_density, n), count(backward_density, n)], flat.shape
-    )
+    scores = magnitude_scores(torch.cat([t.detach().flatten() for t in thetas]))
+    n = scores.numel()
+    forward_flat = top_mask(scores, count(forward_density, n))
+    backward_flat = top_mask(scores, count(backward_density, n))
     sizes = [t.numel() for t in thetas]
     return [
         (a.view(t.shape), b.view(t.shape))

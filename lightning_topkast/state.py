@@ -26,7 +26,7 @@ Use without Lightning::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,12 +35,17 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_topkast.regularizer import penalty_grad
+from lightning_topkast.regularizer import penalty_weights
 from lightning_topkast.selection import forward_backward_sets, global_forward_backward_sets, turnover
 
 STATE_VERSION = 1
 
 RefreshListener = Callable[[dict[str, tuple[int, int]]], None]
+
+# With a zero gradient and a zero weight, these optimizers leave a zero state entry zero (no element-wise term
+# creates state from nothing), so their state outside B needs zeroing only when B changes. Any other optimizer is
+# zeroed after every step. Exact types: a subclass may change the update.
+_STATE_STAYS_ZERO: tuple[type[Optimizer], ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 @dataclass
@@ -56,6 +61,7 @@ class MaskedTensor:
     forward_set: Tensor = field(init=False)
     backward_set: Tensor = field(init=False)
     ever_active: Tensor = field(init=False)
+    penalty_coefficient: Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.theta = self.param.detach().clone()
@@ -68,17 +74,21 @@ class MaskedTensor:
         """Number of weights in the tensor."""
         return self.theta.numel()
 
-    def set_masks(self, forward_set: Tensor, backward_set: Tensor) -> tuple[int, int]:
-        """Install new sets; returns the turnover ``(left, size)`` of the forward set."""
+    def set_masks(self, forward_set: Tensor, backward_set: Tensor, penalty: float) -> tuple[int, int]:
+        """Install new sets (and the penalty's λ·c for them); returns the turnover ``(left, size)`` of A."""
         moved = turnover(self.forward_set, forward_set)
         self.forward_set, self.backward_set = forward_set, backward_set
         self.ever_active |= forward_set
+        self.penalty_coefficient = None
+        if penalty:
+            weights = penalty_weights(forward_set, backward_set, self.forward_density, self.theta.dtype)
+            self.penalty_coefficient = weights.mul_(penalty)
         return moved
 
     @torch.no_grad()
     def write_forward_weights(self) -> None:
         """Make the parameter hold α: θ on A, exactly 0 elsewhere."""
-        self.param.copy_(torch.where(self.forward_set, self.theta, 0))
+        torch.where(self.forward_set, self.theta, _zero(self.theta), out=self.param)
 
 
 class TopKAST:
@@ -121,8 +131,11 @@ class TopKAST:
         self._groups: list[list[MaskedTensor]] = []
         self._optimizers: list[Optimizer] = []
         self._handles: list[RemovableHandle] = []
-        self._pending: list[MaskedTensor] = []
-        self.refresh(list(self.tensors.values()))
+        self._pending: set[str] = set()
+        self._unchecked: set[int] = set()
+        self._select(list(self.tensors.values()))
+        for tensor in self.tensors.values():
+            tensor.write_forward_weights()
 
     # --- optimizer wiring -------------------------------------------------------------------------------------
 
@@ -136,6 +149,7 @@ class TopKAST:
             if id(tensor.param) in owner:
                 self._groups[owner[id(tensor.param)]].append(tensor)
         self.steps += [0] * (len(optimizers) - len(self.steps))
+        self._unchecked = set(range(len(optimizers)))
         for i, opt in enumerate(optimizers):
             self._handles.append(opt.register_step_post_hook(lambda opt, args, kwargs, i=i: self._after_step(i)))
 
@@ -162,8 +176,9 @@ class TopKAST:
     @torch.no_grad()
     def before_step(self, optimizer: Optimizer) -> None:
         """Prepare the tensors ``optimizer`` owns for its update (after backward, before clipping and the step)."""
-        self.restore_forward_weights()
-        for tensor in self._groups[self._index(optimizer)]:
+        group = self._groups[self._index(optimizer)]
+        self._restore(group)
+        for tensor in group:
             grad = tensor.param.grad
             if grad is None:
                 continue  # unused this step: the optimizer skips it too
@@ -172,42 +187,49 @@ class TopKAST:
                     f"{tensor.name} has a sparse gradient (nn.Embedding(sparse=True)); Top-KAST masks dense "
                     "gradients: build the embedding with sparse=False or exclude it"
                 )
-            B = tensor.backward_set
-            tensor.param.copy_(torch.where(B, tensor.theta, 0))
+            zero = _zero(grad)
+            # θ on B goes into the parameter so the update applies to the true values of B \ A; zeros outside B
+            # keep element-wise optimizers from creating state there.
+            torch.where(tensor.backward_set, tensor.theta, zero, out=tensor.param)
             # `where`, not a product: a NaN or inf outside B must not reach the update.
-            masked = torch.where(B, grad, 0)
-            if self.penalty and not self.decoupled_penalty:
-                masked += penalty_grad(tensor.param, tensor.forward_set, B, tensor.forward_density, self.penalty)
-            grad.copy_(masked)
-            self._pending.append(tensor)
+            torch.where(tensor.backward_set, grad, zero, out=grad)
+            if tensor.penalty_coefficient is not None and not self.decoupled_penalty:
+                grad.addcmul_(tensor.penalty_coefficient, tensor.theta)  # the exact gradient λ·c·θ, 0 outside B
+            self._pending.add(tensor.name)
 
     @torch.no_grad()
     def _after_step(self, index: int) -> None:
         group = self._groups[index]
-        pending_ids = {id(t) for t in self._pending}
-        pending = [t for t in group if id(t) in pending_ids]
-        if group and not pending and any(t.param.grad is not None for t in group):
+        pending = [t for t in group if t.name in self._pending]
+        if not pending and any(t.param.grad is not None for t in group):
             raise RuntimeError(
                 "optimizer.step() ran without TopKAST.before_step(optimizer): the update used unmasked gradients. "
                 "Under Lightning, step through the LightningOptimizer (self.optimizers()), not its .optimizer"
             )
         lrs = self._learning_rates(index) if self.decoupled_penalty and self.penalty else {}
         for tensor in pending:
-            tensor.theta.copy_(torch.where(tensor.backward_set, tensor.param, tensor.theta))
-            if lrs:
-                tensor.theta -= lrs[id(tensor.param)] * penalty_grad(
-                    tensor.theta, tensor.forward_set, tensor.backward_set, tensor.forward_density, self.penalty
-                )
-        self._pending = [t for t in self._pending if id(t) not in {id(p) for p in pending}]
+            torch.where(tensor.backward_set, tensor.param, tensor.theta, out=tensor.theta)
+            if lrs and tensor.penalty_coefficient is not None:
+                tensor.theta.addcmul_(tensor.penalty_coefficient, tensor.theta, value=-lrs[id(tensor.param)])
+            self._pending.discard(tensor.name)
         self.steps[index] += 1
-        if self.steps[index] % self.update_interval == 0:
+        refreshed = bool(group) and self.steps[index] % self.update_interval == 0
+        if refreshed:
             self.refresh(group)
-        state = self._optimizers[index].state
+        optimizer = self._optimizers[index]
+        if refreshed or index in self._unchecked or type(optimizer) not in _STATE_STAYS_ZERO:
+            # the first step after attach too: the optimizer may arrive with state restored from a dense run
+            self._zero_state_outside_backward_sets(optimizer, group)
+            self._unchecked.discard(index)
         for tensor in group:
-            for value in state.get(tensor.param, {}).values():
-                if isinstance(value, Tensor) and value.shape == tensor.param.shape:
-                    value.copy_(torch.where(tensor.backward_set, value, 0))
             tensor.write_forward_weights()
+
+    def _zero_state_outside_backward_sets(self, optimizer: Optimizer, group: Sequence[MaskedTensor]) -> None:
+        # every state tensor shaped like the parameter, whatever the optimizer calls it
+        for tensor in group:
+            for value in optimizer.state.get(tensor.param, {}).values():
+                if isinstance(value, Tensor) and value.shape == tensor.param.shape:
+                    torch.where(tensor.backward_set, value, _zero(value), out=value)
 
     def _learning_rates(self, index: int) -> dict[int, float]:
         return {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]}
@@ -219,37 +241,43 @@ class TopKAST:
         A GradScaler skips steps with non-finite gradients, and a module may skip a step itself: the parameter
         then still holds θ on B \ A and must hold α before the next forward.
         """
-        skipped = len(self._pending)
-        for tensor in self._pending:
+        return self._restore(self.tensors.values())
+
+    def _restore(self, tensors: Iterable[MaskedTensor]) -> int:
+        skipped = [t for t in tensors if t.name in self._pending]
+        for tensor in skipped:
             tensor.write_forward_weights()
-        self._pending = []
+            self._pending.discard(tensor.name)
         if skipped:
             self.skipped_steps += 1
-        return skipped
+        return len(skipped)
 
     # --- refresh --------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def refresh(self, tensors: Sequence[MaskedTensor]) -> None:
         """Re-select A and B of ``tensors`` from |θ| over all entries (the whole global pool if any is in it)."""
+        moved = self._select(tensors)
+        for name in moved.keys() - self._pending:  # a pending tensor gets α when its own step finishes
+            self.tensors[name].write_forward_weights()
+        self.refreshes += 1
+        for listener in self.refresh_listeners:
+            listener(moved)
+
+    def _select(self, tensors: Sequence[MaskedTensor]) -> dict[str, tuple[int, int]]:
         moved: dict[str, tuple[int, int]] = {}
         for tensor in tensors:
             if not tensor.in_global_pool:
-                moved[tensor.name] = tensor.set_masks(
-                    *forward_backward_sets(tensor.theta, tensor.forward_density, tensor.backward_density)
-                )
+                sets = forward_backward_sets(tensor.theta, tensor.forward_density, tensor.backward_density)
+                moved[tensor.name] = tensor.set_masks(*sets, self.penalty)
         if any(t.in_global_pool for t in tensors):
             pool = [t for t in self.tensors.values() if t.in_global_pool]
             sets = global_forward_backward_sets(
                 [t.theta for t in pool], pool[0].forward_density, pool[0].backward_density
             )
             for tensor, (forward_set, backward_set) in zip(pool, sets, strict=True):
-                moved[tensor.name] = tensor.set_masks(forward_set, backward_set)
-        for tensor in tensors:
-            tensor.write_forward_weights()
-        self.refreshes += 1
-        for listener in self.refresh_listeners:
-            listener(moved)
+                moved[tensor.name] = tensor.set_masks(forward_set, backward_set, self.penalty)
+        return moved
 
     # --- checkpointing --------------------------------------------------------------------------------------------
 
@@ -302,13 +330,20 @@ class TopKAST:
         for name, saved in state["tensors"].items():
             tensor = self.tensors[name]
             tensor.theta.copy_(saved["theta"])
-            tensor.forward_set = saved["forward_set"].to(device=tensor.theta.device, dtype=torch.bool)
-            tensor.backward_set = saved["backward_set"].to(device=tensor.theta.device, dtype=torch.bool)
-            tensor.ever_active = saved["ever_active"].to(device=tensor.theta.device, dtype=torch.bool)
+            masks = [saved[key].to(device=tensor.theta.device, dtype=torch.bool, copy=True) for key in _MASK_KEYS]
+            tensor.set_masks(masks[0], masks[1], self.penalty)
+            tensor.ever_active = masks[2]
             tensor.write_forward_weights()
         self.steps = [int(s) for s in state["steps"]] + self.steps[len(state["steps"]) :]
         self.refreshes = int(state["refreshes"])
         self.skipped_steps = int(state["skipped_steps"])
+
+
+_MASK_KEYS = ("forward_set", "backward_set", "ever_active")
+
+
+def _zero(like: Tensor) -> Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device)
 
 
 def _show(value: object) -> str:

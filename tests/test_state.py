@@ -1,0 +1,586 @@
+"""The TopKAST engine driven from a plain torch loop (no Lightning), checked against a naive reference of METHOD.md."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Iterable
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_topkast.selection import count, global_forward_backward_sets
+from lightning_topkast.state import STATE_VERSION, TopKAST
+
+DENSITIES = {"0.weight": (0.25, 0.5), "2.weight": (0.5, 0.75)}
+MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+OPTIMIZERS: dict[str, MakeOptimizer] = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
+    "sgd-momentum-wd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.05, weight_decay=0.1),
+}
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float64, hidden: int = 6) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3)).to(dtype)
+
+
+def masked_params(model: nn.Module, names: Iterable[str] = DENSITIES) -> dict[str, nn.Parameter]:
+    params = dict(model.named_parameters())
+    return {name: params[name] for name in names}
+
+
+def batch(step: int, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """Data that is a pure function of the step."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(5, 4, generator=g, dtype=dtype), torch.randn(5, 3, generator=g, dtype=dtype)
+
+
+def train_step(model: nn.Module, engine: TopKAST, opt: torch.optim.Optimizer, step: int) -> None:
+    x, y = batch(step, next(model.parameters()).dtype)
+    F.mse_loss(model(x), y).backward()
+    engine.before_step(opt)
+    opt.step()
+    opt.zero_grad()
+
+
+def setup(
+    optimizer: str = "sgd", update_interval: int = 1, penalty: float = 0.0, **kwargs
+) -> tuple[nn.Sequential, TopKAST, torch.optim.Optimizer]:
+    model = make_model()
+    engine = TopKAST(masked_params(model), DENSITIES, update_interval=update_interval, penalty=penalty, **kwargs)
+    opt = OPTIMIZERS[optimizer](model.parameters())
+    engine.attach([opt])
+    return model, engine, opt
+
+
+def assert_holds_alpha(engine: TopKAST) -> None:
+    for name, t in engine.tensors.items():
+        assert torch.equal(t.param.detach(), torch.where(t.forward_set, t.theta, 0)), name
+        assert int((t.param != 0).sum()) == count(t.forward_density, t.numel), name
+        assert int(t.forward_set.sum()) == count(t.forward_density, t.numel), name
+        assert int(t.backward_set.sum()) == count(t.backward_density, t.numel), name
+        assert not bool((t.forward_set & ~t.backward_set).any()), name
+
+
+# --- the naive reference ----------------------------------------------------------------------------------------------
+
+
+def naive_sets(theta: Tensor, d: float, dm: float) -> tuple[Tensor, Tensor]:
+    """TopK(θ, x): the round(x·n) entries of largest |θ| (random θ has no ties)."""
+    sets = []
+    for density in (d, dm):
+        mask = torch.zeros(theta.numel(), dtype=torch.bool)
+        mask[torch.topk(theta.abs().flatten(), int(density * theta.numel() + 0.5)).indices] = True
+        sets.append(mask.view(theta.shape))
+    return sets[0], sets[1]
+
+
+def reference_run(steps: int, update_interval: int, lr: float, strength: float) -> list[dict[str, Tensor]]:
+    """METHOD.md's three rules with plain SGD, written out: dense θ, α = θ on A, ∂L/∂α applied on B only."""
+    params = {name: p.detach().clone() for name, p in make_model().named_parameters()}
+    sets = {name: naive_sets(params[name], *DENSITIES[name]) for name in DENSITIES}
+    history = []
+    for step in range(steps):
+        leaves = {
+            name: (torch.where(sets[name][0], value, 0) if name in DENSITIES else value).clone().requires_grad_(True)
+            for name, value in params.items()
+        }
+        x, y = batch(step)
+        hidden = torch.tanh(x @ leaves["0.weight"].T + leaves["0.bias"])
+        loss = F.mse_loss(hidden @ leaves["2.weight"].T + leaves["2.bias"], y)
+        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+        for name, grad in grads.items():
+            if name in DENSITIES:
+                a, b = sets[name]
+                c = torch.where(a, 1.0, torch.where(b, 1.0 / DENSITIES[name][0], 0.0)).to(grad.dtype)
+                params[name] = torch.where(b, params[name] - lr * (grad + strength * c * params[name]), params[name])
+            else:
+                params[name] = params[name] - lr * grad
+        if (step + 1) % update_interval == 0:
+            sets = {name: naive_sets(params[name], *DENSITIES[name]) for name in DENSITIES}
+        record = dict(params)
+        for name, (a, b) in sets.items():
+            record[f"{name}/A"], record[f"{name}/B"] = a, b
+        history.append(record)
+    return history
+
+
+@pytest.mark.parametrize("update_interval", [1, 3])
+@pytest.mark.parametrize("strength", [0.0, 0.05])
+def test_engine_with_sgd_matches_the_naive_reference(update_interval: int, strength: float) -> None:
+    steps, lr = 10, 0.5
+    reference = reference_run(steps, update_interval, lr, strength)
+    model, engine, _ = setup(update_interval=update_interval, penalty=strength)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    engine.attach([opt])
+    refreshes_that_moved = 0
+    for step in range(steps):
+        before = {name: t.forward_set.clone() for name, t in engine.tensors.items()}
+        train_step(model, engine, opt, step)
+        expected = reference[step]
+        for name, t in engine.tensors.items():
+            assert torch.equal(t.forward_set, expected[f"{name}/A"]), (step, name)
+            assert torch.equal(t.backward_set, expected[f"{name}/B"]), (step, name)
+            torch.testing.assert_close(t.theta, expected[name], rtol=1e-12, atol=1e-14)
+            refreshes_that_moved += int(not torch.equal(before[name], t.forward_set))
+        for name in ("0.bias", "2.bias"):
+            torch.testing.assert_close(
+                dict(model.named_parameters())[name].detach(), expected[name], rtol=1e-12, atol=0
+            )
+        assert_holds_alpha(engine)
+    assert engine.steps == [steps]
+    assert engine.refreshes == steps // update_interval  # the initial selection is not a refresh
+    assert refreshes_that_moved > 0  # the comparison covers weights moving between the sets
+
+
+# --- invariants of every step -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("update_interval", [1, 3, 1000])
+def test_every_step_keeps_alpha_and_freezes_weights_outside_b(optimizer: str, update_interval: int) -> None:
+    model, engine, opt = setup(optimizer, update_interval, penalty=0.01)
+    assert_holds_alpha(engine)
+    initial = {name: t.theta.clone() for name, t in engine.tensors.items()}
+    for step in range(7):
+        theta = {name: t.theta.clone() for name, t in engine.tensors.items()}
+        backward = {name: t.backward_set.clone() for name, t in engine.tensors.items()}
+        train_step(model, engine, opt, step)
+        assert_holds_alpha(engine)
+        for name, t in engine.tensors.items():
+            outside = ~backward[name]
+            # the B of this step: nothing outside it moved, not by weight decay, momentum or Adam
+            assert torch.equal(t.theta[outside], theta[name][outside]), (step, name)
+            assert not torch.equal(t.theta[backward[name]], theta[name][backward[name]]), (step, name)
+    if update_interval == 1000:  # never refreshed: outside the initial B, θ is the initial θ
+        for name, t in engine.tensors.items():
+            assert torch.equal(t.theta[~t.backward_set], initial[name][~t.backward_set])
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "keys"), [("sgd-momentum-wd", {"momentum_buffer"}), ("adamw", {"exp_avg", "exp_avg_sq"})]
+)
+@pytest.mark.parametrize("update_interval", [1, 2])
+def test_optimizer_state_is_zero_outside_b(optimizer: str, keys: set[str], update_interval: int) -> None:
+    model, engine, opt = setup(optimizer, update_interval, penalty=0.01)
+    for step in range(6):
+        train_step(model, engine, opt, step)
+        for name, t in engine.tensors.items():
+            state = opt.state[t.param]
+            assert keys <= set(state), name
+            for key in keys:
+                assert torch.equal(state[key][~t.backward_set], torch.zeros(int((~t.backward_set).sum()))), (name, key)
+                assert bool(state[key][t.backward_set].ne(0).any()), (name, key)
+        # parameters outside Top-KAST keep their full state
+        assert bool(opt.state[model[2].bias][next(iter(keys))].ne(0).all())
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_non_finite_gradients_outside_b_never_reach_weights_or_state(optimizer: str) -> None:
+    clean_model, clean, clean_opt = setup(optimizer, update_interval=2, penalty=0.01)
+    model, engine, opt = setup(optimizer, update_interval=2, penalty=0.01)
+    for step in range(5):
+        for m, e, o, poison in ((clean_model, clean, clean_opt, False), (model, engine, opt, True)):
+            x, y = batch(step)
+            F.mse_loss(m(x), y).backward()
+            if poison:
+                for t in e.tensors.values():
+                    bad = torch.tensor([math.nan, math.inf, -math.inf], dtype=t.param.dtype).repeat(t.numel)
+                    t.param.grad[~t.backward_set] = bad[: int((~t.backward_set).sum())]
+            e.before_step(o)
+            o.step()
+            o.zero_grad()
+        for name, t in engine.tensors.items():
+            assert bool(torch.isfinite(t.theta).all())
+            assert bool(torch.isfinite(t.param).all())
+            for value in opt.state[t.param].values():
+                assert bool(torch.isfinite(value).all())
+            # the poisoned run is the clean run, bit for bit
+            assert torch.equal(t.theta, clean.tensors[name].theta)
+            assert torch.equal(t.forward_set, clean.tensors[name].forward_set)
+            for key, value in opt.state[t.param].items():
+                assert torch.equal(value, clean_opt.state[clean.tensors[name].param][key])
+
+
+# --- skipped steps and misuse -----------------------------------------------------------------------------------------
+
+
+def test_skipped_step_restores_alpha() -> None:
+    model, engine, opt = setup("sgd-momentum-wd", update_interval=1, penalty=0.01)
+    train_step(model, engine, opt, 0)
+    theta = {name: t.theta.clone() for name, t in engine.tensors.items()}
+    alpha = {name: t.param.detach().clone() for name, t in engine.tensors.items()}
+    x, y = batch(1)
+    F.mse_loss(model(x), y).backward()
+    engine.before_step(opt)
+    # the update would see θ on B \ A: the parameter no longer holds α
+    assert any(not torch.equal(t.param, alpha[name]) for name, t in engine.tensors.items())
+    # ... the step is skipped (GradScaler found an inf, or the module chose to) ...
+    assert engine.restore_forward_weights() == 2
+    for name, t in engine.tensors.items():
+        assert torch.equal(t.param.detach(), alpha[name])
+        assert torch.equal(t.theta, theta[name])
+    assert_holds_alpha(engine)
+    assert engine.skipped_steps == 1
+    assert engine.steps == [1]
+    assert engine.restore_forward_weights() == 0  # nothing pending any more
+    assert engine.skipped_steps == 1
+    opt.zero_grad()
+    train_step(model, engine, opt, 1)
+    assert engine.steps == [2]
+    assert_holds_alpha(engine)
+
+
+def test_skipped_step_is_restored_by_the_next_before_step() -> None:
+    model, engine, opt = setup(update_interval=1)
+    x, y = batch(0)
+    F.mse_loss(model(x), y).backward()
+    engine.before_step(opt)
+    opt.zero_grad()
+    train_step(model, engine, opt, 1)
+    assert engine.skipped_steps == 1
+    assert engine.steps == [1]
+    assert_holds_alpha(engine)
+
+
+def test_optimizer_step_without_before_step_raises() -> None:
+    model, _, opt = setup()
+    x, y = batch(0)
+    F.mse_loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"optimizer\.step\(\) ran without TopKAST\.before_step\(optimizer\)"):
+        opt.step()
+
+
+def test_before_step_with_an_unattached_optimizer_raises() -> None:
+    model, engine, _ = setup()
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match=r"not attached; call attach\(\) first"):
+        engine.before_step(other)
+
+
+def test_detach_removes_the_hooks() -> None:
+    model, engine, opt = setup()
+    train_step(model, engine, opt, 0)
+    engine.detach()
+    assert not engine.attached
+    x, y = batch(1)
+    F.mse_loss(model(x), y).backward()
+    opt.step()  # a plain optimizer again: no error, no masking
+    assert engine.steps == [1]
+
+
+# --- the exploration penalty ------------------------------------------------------------------------------------------
+
+
+def zero_loss_step(model: nn.Module, engine: TopKAST, opt: torch.optim.Optimizer) -> None:
+    x, _ = batch(0)
+    (0 * model(x).sum()).backward()
+    engine.before_step(opt)
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_penalty_shrinks_b_by_lr_lambda_c_theta(decoupled: bool) -> None:
+    lr, strength = 0.5, 0.1
+    runs = {}
+    for penalty in (0.0, strength):
+        model = make_model()
+        engine = TopKAST(
+            masked_params(model), DENSITIES, update_interval=1000, penalty=penalty, decoupled_penalty=decoupled
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        engine.attach([opt])
+        initial = {name: t.theta.clone() for name, t in engine.tensors.items()}
+        zero_loss_step(model, engine, opt)
+        runs[penalty] = engine
+    for name, t in runs[strength].tensors.items():
+        a, b, d = t.forward_set, t.backward_set, t.forward_density
+        c = torch.where(a, 1.0, torch.where(b, 1.0 / d, 0.0)).to(torch.float64)
+        expected = initial[name] - lr * (strength * c * initial[name])
+        assert torch.equal(runs[0.0].tensors[name].theta, initial[name])  # no penalty, no gradient: nothing moves
+        assert torch.equal(t.theta, expected), name
+        assert torch.equal(t.theta[~b], initial[name][~b])
+        shrink = 1 - t.theta[b] / initial[name][b]
+        assert torch.allclose(shrink, lr * strength * c[b], rtol=1e-12, atol=0)
+    assert_holds_alpha(runs[strength])
+
+
+def test_decoupled_penalty_stays_outside_momentum() -> None:
+    buffers = {}
+    for decoupled in (False, True):
+        model = make_model()
+        engine = TopKAST(
+            masked_params(model), DENSITIES, update_interval=1000, penalty=0.1, decoupled_penalty=decoupled
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        engine.attach([opt])
+        theta = {name: t.theta.clone() for name, t in engine.tensors.items()}
+        for _ in range(3):
+            zero_loss_step(model, engine, opt)
+        buffers[decoupled] = [opt.state[t.param]["momentum_buffer"] for t in engine.tensors.values()]
+        for name, t in engine.tensors.items():
+            assert bool((t.theta[t.backward_set].abs() < theta[name][t.backward_set].abs()).all())
+    assert all(bool(buf.ne(0).any()) for buf in buffers[False])
+    assert all(torch.equal(buf, torch.zeros_like(buf)) for buf in buffers[True])
+
+
+def test_decoupled_penalty_uses_each_group_learning_rate() -> None:
+    model = make_model()
+    engine = TopKAST(masked_params(model), DENSITIES, update_interval=1000, penalty=0.1, decoupled_penalty=True)
+    opt = torch.optim.SGD([{"params": [model[0].weight], "lr": 0.5}, {"params": [model[2].weight], "lr": 0.25}])
+    engine.attach([opt])
+    initial = {name: t.theta.clone() for name, t in engine.tensors.items()}
+    zero_loss_step(model, engine, opt)
+    for name, lr in (("0.weight", 0.5), ("2.weight", 0.25)):
+        t = engine.tensors[name]
+        c = torch.where(t.forward_set, 1.0, torch.where(t.backward_set, 1.0 / t.forward_density, 0.0)).double()
+        assert torch.equal(t.theta, initial[name] - lr * (0.1 * c * initial[name]))
+
+
+# --- checkpointing ----------------------------------------------------------------------------------------------------
+
+
+def trained_engine(steps: int = 4) -> tuple[nn.Sequential, TopKAST, torch.optim.Optimizer]:
+    model, engine, opt = setup(update_interval=3, penalty=0.01)
+    for step in range(steps):
+        train_step(model, engine, opt, step)
+    return model, engine, opt
+
+
+def assert_same_engine_state(left: TopKAST, right: TopKAST) -> None:
+    assert left.steps == right.steps
+    assert left.refreshes == right.refreshes
+    assert left.skipped_steps == right.skipped_steps
+    for name, t in left.tensors.items():
+        other = right.tensors[name]
+        for key in ("theta", "forward_set", "backward_set", "ever_active"):
+            assert torch.equal(getattr(t, key), getattr(other, key)), (name, key)
+        assert torch.equal(t.param, other.param), name
+
+
+def test_state_dict_is_plain_and_loads_with_weights_only() -> None:
+    _, engine, _ = trained_engine()
+    state = engine.state_dict()
+    assert state["version"] == STATE_VERSION
+    assert state["steps"] == [4]
+    assert state["refreshes"] == 1  # at step 3; the initial selection is not counted
+    assert state["tensors"]["0.weight"]["shape"] == [6, 4]
+    assert state["tensors"]["2.weight"]["forward_density"] == 0.5
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded["steps"] == [4]
+    assert torch.equal(loaded["tensors"]["0.weight"]["theta"], engine.tensors["0.weight"].theta)
+
+
+def test_state_dict_round_trip_onto_a_fresh_engine_continues_exactly() -> None:
+    model, engine, opt = trained_engine()
+    buffer = io.BytesIO()
+    torch.save(engine.state_dict(), buffer)
+    buffer.seek(0)
+    fresh_model = make_model(seed=123)
+    fresh_model.load_state_dict(model.state_dict())  # the model's own state is α: the sparse model
+    fresh = TopKAST(masked_params(fresh_model), DENSITIES, update_interval=3, penalty=0.01)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh_opt = torch.optim.SGD(fresh_model.parameters(), lr=0.1)
+    fresh.attach([fresh_opt])
+    assert_same_engine_state(engine, fresh)
+    assert_holds_alpha(fresh)
+    for step in range(4, 9):  # straddles the refresh at step 6
+        train_step(model, engine, opt, step)
+        train_step(fresh_model, fresh, fresh_opt, step)
+        assert_same_engine_state(engine, fresh)
+
+
+def test_loading_a_state_dict_does_not_share_tensors_with_its_source() -> None:
+    _, source, _ = trained_engine()
+    tensors = source.state_dict()["tensors"]
+    saved = {name: {k: v.clone() for k, v in t.items() if isinstance(v, Tensor)} for name, t in tensors.items()}
+    model = make_model(seed=5)
+    loaded = TopKAST(masked_params(model), DENSITIES, update_interval=1, penalty=0.01)
+    loaded.load_state_dict(source.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loaded.attach([opt])
+    for step in range(6):
+        train_step(model, loaded, opt, step)
+    for name, t in source.tensors.items():
+        for key, value in saved[name].items():
+            assert torch.equal(getattr(t, key), value), (name, key)
+
+
+def test_differences_is_empty_for_a_fitting_state() -> None:
+    _, engine, _ = trained_engine(1)
+    model = make_model(seed=1)
+    other = TopKAST(masked_params(model), DENSITIES)
+    assert other.differences(engine.state_dict()) == []
+
+
+def test_differences_report_names_shapes_and_densities() -> None:
+    _, engine, _ = trained_engine(1)
+    state = engine.state_dict()
+    model = make_model(seed=1, hidden=7)
+    model.add_module("3", nn.Linear(3, 2).double())
+    other = TopKAST(masked_params(model, ["0.weight", "3.weight"]), {"0.weight": (0.3, 0.5), "3.weight": (0.5, 0.5)})
+    expected = [
+        "0.weight: forward_density 0.25 in the checkpoint, 0.3 now",
+        "0.weight: shape [6, 4] in the checkpoint, [7, 4] now",
+        "2.weight: in the checkpoint, not masked now",
+        "3.weight: masked now, not in the checkpoint",
+    ]
+    assert other.differences(state) == expected
+    with pytest.raises(ValueError, match=r"does not fit the masked tensors: 0\.weight: forward_density 0\.25"):
+        other.load_state_dict(state)
+
+
+def test_differences_report_backward_density_global_pool_and_version() -> None:
+    _, engine, _ = trained_engine(1)
+    state = engine.state_dict()
+    model = make_model(seed=1)
+    other = TopKAST(masked_params(model), {"0.weight": (0.25, 0.75), "2.weight": (0.5, 0.75)}, global_pool=["2.weight"])
+    assert other.differences(state) == [
+        "0.weight: backward_density 0.5 in the checkpoint, 0.75 now",
+        "2.weight: in_global_pool False in the checkpoint, True now",
+    ]
+    assert other.differences({**state, "version": 99}) == [f"state version 99, expected {STATE_VERSION}"]
+
+
+# --- global pool, several optimizers, listeners -----------------------------------------------------------------------
+
+
+def test_global_pool_selects_the_exact_global_count() -> None:
+    model = make_model()
+    shared = {"0.weight": (0.3, 0.6), "2.weight": (0.3, 0.6)}
+    engine = TopKAST(masked_params(model), shared, update_interval=1, penalty=0.01, global_pool=list(shared))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine.attach([opt])
+    total = 24 + 18
+    for step in range(4):
+        tensors = list(engine.tensors.values())
+        assert sum(int(t.forward_set.sum()) for t in tensors) == count(0.3, total) == 13
+        assert sum(int(t.backward_set.sum()) for t in tensors) == count(0.6, total) == 25
+        expected = global_forward_backward_sets([t.theta for t in tensors], 0.3, 0.6)
+        for t, (a, b) in zip(tensors, expected, strict=True):
+            assert torch.equal(t.forward_set, a)
+            assert torch.equal(t.backward_set, b)
+            assert torch.equal(t.param.detach(), torch.where(a, t.theta, 0))
+        train_step(model, engine, opt, step)
+    # per-tensor selection would keep 7 + 5 = 12, not 13: the split is the pool's
+    assert count(0.3, 24) + count(0.3, 18) == 12
+
+
+def test_global_pool_needs_one_forward_density() -> None:
+    model = make_model()
+    with pytest.raises(ValueError, match="global pool must share one forward density"):
+        TopKAST(masked_params(model), DENSITIES, global_pool=list(DENSITIES))
+
+
+def test_global_pool_across_two_optimizers_keeps_alpha_in_both() -> None:
+    model = make_model()
+    shared = {"0.weight": (0.3, 0.6), "2.weight": (0.3, 0.6)}
+    engine = TopKAST(masked_params(model), shared, update_interval=1, penalty=0.0, global_pool=list(shared))
+    first = torch.optim.SGD(model[0].parameters(), lr=2.0)
+    second = torch.optim.SGD(model[2].parameters(), lr=2.0)
+    engine.attach([first, second])
+    for step in range(4):
+        x, y = batch(step)
+        F.mse_loss(model(x), y).backward()
+        for opt in (first, second):
+            engine.before_step(opt)
+            opt.step()
+            # between any two steps every masked parameter holds α, including those of the other optimizer
+            for name, t in engine.tensors.items():
+                assert torch.equal(t.param.detach(), torch.where(t.forward_set, t.theta, 0)), (step, name)
+        first.zero_grad()
+        second.zero_grad()
+    assert engine.steps == [4, 4]
+
+
+def test_two_optimizers_step_and_count_separately() -> None:
+    model = make_model()
+    engine = TopKAST(masked_params(model), DENSITIES, update_interval=2, penalty=0.01)
+    first = torch.optim.SGD(model[0].parameters(), lr=0.5)
+    second = torch.optim.AdamW(model[2].parameters(), lr=0.05)
+    engine.attach([first, second])
+    untouched = engine.tensors["2.weight"].theta.clone()
+    for step in range(3):
+        x, y = batch(step)
+        F.mse_loss(model(x), y).backward()
+        engine.before_step(first)
+        first.step()
+        model.zero_grad()
+    assert engine.steps == [3, 0]
+    assert torch.equal(engine.tensors["2.weight"].theta, untouched)
+    x, y = batch(3)
+    F.mse_loss(model(x), y).backward()
+    engine.before_step(second)
+    second.step()
+    assert engine.steps == [3, 1]
+    assert_holds_alpha(engine)
+
+
+def test_refresh_listeners_get_the_turnover_of_every_tensor() -> None:
+    model, engine, opt = setup(update_interval=2, penalty=0.01)
+    calls: list[dict[str, tuple[int, int]]] = []
+    engine.refresh_listeners.append(calls.append)
+    for step in range(5):
+        train_step(model, engine, opt, step)
+    assert len(calls) == 2
+    for moved in calls:
+        assert set(moved) == set(DENSITIES)
+        for name, (left, size) in moved.items():
+            assert size == count(DENSITIES[name][0], engine.tensors[name].numel)
+            assert 0 <= left <= size
+    for t in engine.tensors.values():
+        assert not bool((t.forward_set & ~t.ever_active).any())
+
+
+def test_unused_parameter_is_left_alone() -> None:
+    model = make_model()
+    engine = TopKAST(masked_params(model), DENSITIES, update_interval=1, penalty=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine.attach([opt])
+    theta = engine.tensors["2.weight"].theta.clone()
+    x, _ = batch(0)
+    torch.tanh(model[0](x)).sum().backward()  # 2.weight gets no gradient
+    engine.before_step(opt)
+    opt.step()
+    assert engine.tensors["2.weight"].param.grad is None
+    assert torch.equal(engine.tensors["2.weight"].theta, theta)
+    assert_holds_alpha(engine)
+
+
+def test_two_optimizers_prepared_together_then_stepped() -> None:
+    # DESIGN.md: with several optimizers, each one's preparation touches only the parameters that optimizer owns
+    runs = []
+    for interleaved in (False, True):
+        model = make_model()
+        engine = TopKAST(masked_params(model), DENSITIES, update_interval=2, penalty=0.01)
+        first = torch.optim.SGD(model[0].parameters(), lr=0.5)
+        second = torch.optim.SGD(model[2].parameters(), lr=0.5)
+        engine.attach([first, second])
+        for step in range(3):
+            x, y = batch(step)
+            F.mse_loss(model(x), y).backward()
+            if interleaved:
+                engine.before_step(first)
+                engine.before_step(second)
+                first.step()
+                second.step()
+            else:
+                for opt in (first, second):
+                    engine.before_step(opt)
+                    opt.step()
+            model.zero_grad()
+        assert engine.steps == [3, 3]
+        assert engine.skipped_steps == 0
+        assert_holds_alpha(engine)
+        runs.append(engine)
+    for name, t in runs[0].tensors.items():
+        assert torch.equal(t.theta, runs[1].tensors[name].theta), name
