@@ -113,6 +113,7 @@ class TopKASTCallback(Callback):
         self._turnover = MeanMetric(nan_strategy="error", sync_on_compute=False)
         self._layer_flops: dict[nn.Module, float] = {}
         self._flops_handles: list[RemovableHandle] = []
+        self._flops_counted = False
 
     # --- hooks --------------------------------------------------------------------------------------------------
 
@@ -125,6 +126,7 @@ class TopKASTCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.engine is None or not self._owns(pl_module):
             self.engine = self._build_engine(pl_module)
+            self._layer_flops, self._flops_counted = {}, False
         self._restore_loaded_state()
         self.engine.attach(trainer.optimizers)
         if self.verbose:
@@ -132,7 +134,8 @@ class TopKASTCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self._layer_flops:
+        if not self._flops_counted:
+            self._flops_counted = True
             self._count_flops(pl_module)
 
     @override

@@ -10,7 +10,9 @@ The dense θ lives here. One step (DESIGN.md):
 2. the optimizer updates the parameter.
 3. a step post-hook: θ takes the new values on B and keeps its old ones outside B (whatever the update wrote there,
    weight decay or momentum drift, is discarded); every ``update_interval`` steps A and B are re-selected from |θ|;
-   optimizer state outside B is zeroed; α is written back.
+   optimizer state outside B is zeroed; α is written back. SGD, Adam and AdamW see a zero weight and a zero
+   gradient outside B, so their state there stays zero and is zeroed only when B changes; any other optimizer's
+   state is zeroed after every step.
 
 Use without Lightning::
 
