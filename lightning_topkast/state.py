@@ -215,23 +215,28 @@ class TopKAST:
                 tensor.theta.addcmul_(tensor.penalty_coefficient, tensor.theta, value=-lrs[id(tensor.param)])
             self._pending.discard(tensor.name)
         self.steps[index] += 1
-        refreshed = bool(group) and self.steps[index] % self.update_interval == 0
-        if refreshed:
+        keep = {t.name: t.backward_set for t in group}
+        if bool(group) and self.steps[index] % self.update_interval == 0:
             self.refresh(group)
-        optimizer = self._optimizers[index]
-        if refreshed or index in self._unchecked or type(optimizer) not in _STATE_STAYS_ZERO:
-            # the first step after attach too: the optimizer may arrive with state restored from a dense run
-            self._zero_state_outside_backward_sets(optimizer, group)
-            self._unchecked.discard(index)
+            # state survives only where an entry stayed in B: one entering B starts fresh even if a hook after
+            # the callback (gradient noise, say) wrote outside B and built state there
+            keep = {t.name: keep[t.name] & t.backward_set for t in group}
+        elif index not in self._unchecked and type(self._optimizers[index]) in _STATE_STAYS_ZERO:
+            keep = {}
+        # the first step after attach too: the optimizer may arrive with state restored from a dense run
+        self._unchecked.discard(index)
+        self._zero_state_outside(self._optimizers[index], group, keep)
         for tensor in group:
             tensor.write_forward_weights()
 
-    def _zero_state_outside_backward_sets(self, optimizer: Optimizer, group: Sequence[MaskedTensor]) -> None:
+    def _zero_state_outside(self, optimizer: Optimizer, group: Sequence[MaskedTensor], keep: dict[str, Tensor]) -> None:
         # every state tensor shaped like the parameter, whatever the optimizer calls it
         for tensor in group:
+            if tensor.name not in keep:
+                continue
             for value in optimizer.state.get(tensor.param, {}).values():
                 if isinstance(value, Tensor) and value.shape == tensor.param.shape:
-                    torch.where(tensor.backward_set, value, _zero(value), out=value)
+                    torch.where(keep[tensor.name], value, _zero(value), out=value)
 
     def _learning_rates(self, index: int) -> dict[int, float]:
         return {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]}

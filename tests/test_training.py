@@ -1,0 +1,655 @@
+"""Real ``Trainer.fit`` runs: the step invariants of Top-KAST, hook by hook, under every training setup we support."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from conftest import MLP, make_loader, make_trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import MixedPrecision
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_topkast import TopKASTCallback
+from lightning_topkast.selection import count
+from lightning_topkast.state import TopKAST
+
+MASKED = ["net.2.weight", "net.4.weight"]  # the MLP's first Linear stays dense (dense_first_layer=True)
+BATCHES = 8  # make_loader(n=64, batch_size=8)
+
+Snapshot = dict[str, dict[str, Tensor]]
+
+
+def _loader() -> DataLoader:
+    return make_loader(n=64, batch_size=8)
+
+
+def _engine(callback: TopKASTCallback) -> TopKAST:
+    assert callback.engine is not None
+    return callback.engine
+
+
+def _snapshot(engine: TopKAST) -> Snapshot:
+    return {
+        name: {
+            "param": t.param.detach().clone(),
+            "theta": t.theta.clone(),
+            "A": t.forward_set.clone(),
+            "B": t.backward_set.clone(),
+            "ever": t.ever_active.clone(),
+            "grad": t.param.grad.clone() if t.param.grad is not None else torch.full_like(t.theta, float("nan")),
+        }
+        for name, t in engine.tensors.items()
+    }
+
+
+def _grads(module: nn.Module) -> dict[str, Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+class Recorder(Callback):
+    """Listed after TopKASTCallback, so each of its hooks sees the state TopKAST's hook of the same name left."""
+
+    def __init__(self, topkast: TopKASTCallback) -> None:
+        self.topkast = topkast
+        self.start: Snapshot = {}
+        self.end: Snapshot = {}
+        self.before: list[Snapshot] = []  # at on_before_optimizer_step, after TopKAST masked the gradients
+        self.after: list[Snapshot] = []  # at on_train_batch_end, after TopKAST restored the forward weights
+        self.steps: list[list[int]] = []
+        self.refreshes: list[int] = []  # refreshes since fit start, so the masks chosen at setup do not count
+        self.start_refreshes = 0
+        self.skipped: list[int] = []
+        self.optimizer_state: list[dict[str, dict[str, Tensor]]] = []
+        self.refresh_log: list[tuple[list[str], list[int]]] = []
+
+    def _listen(self, moved: dict[str, tuple[int, int]]) -> None:
+        self.refresh_log.append((sorted(moved), list(_engine(self.topkast).steps)))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        engine = _engine(self.topkast)
+        if self._listen not in engine.refresh_listeners:
+            engine.refresh_listeners.append(self._listen)
+        self.start = _snapshot(engine)
+        self.start_refreshes = engine.refreshes
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.before.append(_snapshot(_engine(self.topkast)))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        engine = _engine(self.topkast)
+        self.after.append(_snapshot(engine))
+        self.steps.append(list(engine.steps))
+        self.refreshes.append(engine.refreshes - self.start_refreshes)
+        self.skipped.append(engine.skipped_steps)
+        states = {}
+        for name, t in engine.tensors.items():
+            for optimizer in trainer.optimizers:
+                if t.param in optimizer.state:
+                    states[name] = {k: v.clone() for k, v in optimizer.state[t.param].items() if k != "step"}
+        self.optimizer_state.append(states)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.end = _snapshot(_engine(self.topkast))
+
+
+class Spy(MLP):
+    """The conftest MLP, recording gradients right after backward and exactly when Lightning clips them.
+
+    ``optimizer="plain"`` is SGD without momentum or weight decay, so one update is exactly ``-lr * grad``.
+    """
+
+    def __init__(
+        self, optimizer: str = "sgd", lr: float = 0.1, zero_loss: bool = False, loss_scale: float = 1.0
+    ) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.zero_loss, self.loss_scale = zero_loss, loss_scale
+        self.after_backward: list[dict[str, Tensor]] = []
+        self.at_clipping: list[dict[str, Tensor]] = []
+        self.after_clipping: list[dict[str, Tensor]] = []
+        self.losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        out = self(x)
+        # float(): an fp16 loss times a GradScaler's 65536 is inf, and 0 * inf would make every gradient NaN
+        loss = 0 * out.float().sum() if self.zero_loss else self.loss_scale * F.cross_entropy(out, y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def on_after_backward(self) -> None:
+        self.after_backward.append(_grads(self))
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        self.at_clipping.append(_grads(self))
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.after_clipping.append(_grads(self))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "plain":
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+        return super().configure_optimizers()
+
+
+def _fit(
+    tmp_path: Path, model: L.LightningModule, callback: TopKASTCallback, loader: DataLoader | None = None, **kwargs: Any
+) -> tuple[Recorder, L.Trainer]:
+    recorder = Recorder(callback)
+    trainer = make_trainer(tmp_path, [callback, recorder], **kwargs)
+    trainer.fit(model, loader if loader is not None else _loader())
+    return recorder, trainer
+
+
+def _assert_invariants(snapshot: Snapshot, engine: TopKAST) -> None:
+    """Parameter holds α = θ on A, 0 elsewhere; |A| and |B| exact; A ⊆ B."""
+    for name, s in snapshot.items():
+        t = engine.tensors[name]
+        assert torch.equal(s["param"], torch.where(s["A"], s["theta"], 0)), name
+        assert int(s["A"].sum()) == count(t.forward_density, t.numel), name
+        assert int(s["B"].sum()) == count(t.backward_density, t.numel), name
+        assert not (s["A"] & ~s["B"]).any(), name
+
+
+def _assert_top_k(theta: Tensor, mask: Tensor) -> None:
+    """``mask`` holds entries of largest |θ|: none outside is larger than any inside."""
+    magnitude = theta.abs()
+    assert float(magnitude[mask].min()) >= float(magnitude[~mask].max())
+
+
+def _assert_sets_equal(a: Snapshot, b: Snapshot) -> None:
+    for name in a:
+        assert torch.equal(a[name]["A"], b[name]["A"]), name
+        assert torch.equal(a[name]["B"], b[name]["B"]), name
+
+
+# --- 1. the invariants after every optimizer step ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("update_interval", [1, 3])
+def test_every_step_holds_forward_weights_and_exact_sets(tmp_path: Path, update_interval: int, optimizer: str) -> None:
+    callback = TopKASTCallback(update_interval=update_interval, verbose=False)
+    recorder, trainer = _fit(tmp_path, MLP(optimizer=optimizer), callback)
+    engine = _engine(callback)
+
+    assert sorted(engine.tensors) == MASKED
+    assert trainer.global_step == engine.steps[0] == BATCHES
+    assert recorder.steps == [[step] for step in range(1, BATCHES + 1)]
+    assert recorder.refreshes == [step // update_interval for step in range(1, BATCHES + 1)]
+    assert [names for names, _ in recorder.refresh_log] == [MASKED] * (BATCHES // update_interval)
+    assert engine.skipped_steps == 0
+
+    _assert_invariants(recorder.start, engine)
+    for s in recorder.start.values():
+        _assert_top_k(s["theta"], s["A"])
+        _assert_top_k(s["theta"], s["B"])
+    previous = recorder.start
+    forward_set_changes = 0
+    for step, snapshot in enumerate(recorder.after, start=1):
+        _assert_invariants(snapshot, engine)
+        if step % update_interval == 0:
+            for name, s in snapshot.items():
+                _assert_top_k(s["theta"], s["A"])
+                _assert_top_k(s["theta"], s["B"])
+                forward_set_changes += int((s["A"] != previous[name]["A"]).sum())
+        else:
+            _assert_sets_equal(snapshot, previous)
+        previous = snapshot
+    assert forward_set_changes > 0  # the sets really moved, so the checks above saw refreshes that mattered
+
+    _assert_invariants(recorder.end, engine)
+    for name, s in recorder.end.items():
+        assert torch.equal(s["theta"], recorder.after[-1][name]["theta"]), name
+        assert torch.equal(dict(trainer.lightning_module.named_parameters())[name].detach(), s["param"]), name
+
+
+# --- 2. nothing outside B moves ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "state_keys"), [("sgd", ["momentum_buffer"]), ("adamw", ["exp_avg", "exp_avg_sq"])]
+)
+def test_nothing_outside_backward_set_moves(tmp_path: Path, optimizer: str, state_keys: list[str]) -> None:
+    callback = TopKASTCallback(update_interval=3, verbose=False)
+    model = Spy(optimizer=optimizer)
+    recorder, _ = _fit(tmp_path, model, callback)
+    engine = _engine(callback)
+
+    assert len(recorder.before) == len(model.at_clipping) == len(recorder.after) == BATCHES
+    for step, (before, clipping, after, state) in enumerate(
+        zip(recorder.before, model.at_clipping, recorder.after, recorder.optimizer_state, strict=True), start=1
+    ):
+        for name in MASKED:
+            B, new_B = before[name]["B"], after[name]["B"]
+            # the gradient the optimizer will use is zero outside B, seen by the callback hook and by clipping
+            assert torch.equal(clipping[name], before[name]["grad"]), (step, name)
+            assert not clipping[name][~B].any(), (step, name)
+            assert clipping[name][B].count_nonzero() > 0, (step, name)
+            # θ outside B is untouched by momentum and weight decay; θ on B moved
+            assert torch.equal(after[name]["theta"][~B], before[name]["theta"][~B]), (step, name)
+            assert (after[name]["theta"][B] != before[name]["theta"][B]).any(), (step, name)
+            if step % 3:
+                assert torch.equal(new_B, B), (step, name)
+            # optimizer state is zero outside the (possibly refreshed) B, and alive inside it
+            assert sorted(state[name]) == sorted(state_keys), (step, name)
+            for key in state_keys:
+                assert not state[name][key][~new_B].any(), (step, name, key)
+                assert state[name][key][new_B].count_nonzero() > 0, (step, name, key)
+    # dense θ between refreshes: the values outside every B seen never changed from the start
+    never_in_b = ~torch.stack([s["B"] for s in [b["net.2.weight"] for b in recorder.before]]).any(0)
+    assert never_in_b.any()
+    assert torch.equal(
+        recorder.end["net.2.weight"]["theta"][never_in_b], recorder.start["net.2.weight"]["theta"][never_in_b]
+    )
+    _assert_invariants(recorder.end, engine)
+
+
+class LateEdit(Spy):
+    """Its ``on_before_optimizer_step`` runs after the callback's and writes into the gradient outside B.
+
+    ``"noise"`` adds Gaussian gradient noise to every entry, as gradient-noise training does; ``"inf"`` writes inf.
+    """
+
+    def __init__(self, topkast: TopKASTCallback, edit: str) -> None:
+        super().__init__(optimizer="sgd")
+        self.topkast, self.edit = topkast, edit
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        t = _engine(self.topkast).tensors["net.2.weight"]
+        assert t.param.grad is not None
+        if self.edit == "inf":
+            t.param.grad[~t.backward_set] = float("inf")
+        else:
+            t.param.grad += 0.01 * torch.randn_like(t.param.grad)
+
+
+@pytest.mark.parametrize("edit", ["noise", "inf"])
+def test_gradient_edited_after_the_callback_cannot_leak_outside_backward_set(tmp_path: Path, edit: str) -> None:
+    """Whatever the update writes outside B, even from a gradient edited after the callback's hook, is dropped:
+    θ keeps its values there, and a weight entering B at a refresh starts with fresh (zero) optimizer state."""
+    callback = TopKASTCallback(update_interval=3, verbose=False)
+    model = LateEdit(callback, edit)
+    recorder, _ = _fit(tmp_path, model, callback, max_steps=6)
+    engine = _engine(callback)
+
+    entered_total = 0
+    for step, (before, clipping, after, state) in enumerate(
+        zip(recorder.before, model.at_clipping, recorder.after, recorder.optimizer_state, strict=True), start=1
+    ):
+        B, new_B = before["net.2.weight"]["B"], after["net.2.weight"]["B"]
+        assert clipping["net.2.weight"][~B].count_nonzero() == int((~B).sum()), step  # the optimizer saw it
+        assert torch.equal(after["net.2.weight"]["theta"][~B], before["net.2.weight"]["theta"][~B]), step
+        assert torch.isfinite(after["net.2.weight"]["theta"]).all(), step
+        entered = new_B & ~B
+        entered_total += int(entered.sum())
+        assert not state["net.2.weight"]["momentum_buffer"][entered].any(), step
+        _assert_invariants(after, engine)
+    assert entered_total > 0  # refreshes did bring new weights into B
+
+
+# --- 3. straight-through updates and the exploration penalty ----------------------------------------------------
+
+
+def test_exploration_set_gets_straight_through_gradients_and_grows_into_forward_set(tmp_path: Path) -> None:
+    lr = 0.5
+    callback = TopKASTCallback(update_interval=2, exploration_penalty=0.0, verbose=False)
+    model = Spy(optimizer="plain", lr=lr)
+    recorder, _ = _fit(tmp_path, model, callback)
+    engine = _engine(callback)
+
+    grown = 0
+    for step, (raw, before, after) in enumerate(
+        zip(model.after_backward, recorder.before, recorder.after, strict=True), start=1
+    ):
+        for name in MASKED:
+            A, B = before[name]["A"], before[name]["B"]
+            explore = B & ~A
+            grad = before[name]["grad"]
+            # the update uses ∂L/∂α on B, including B \ A where α was 0 in the forward pass
+            assert torch.equal(grad, torch.where(B, raw[name], 0)), (step, name)
+            assert grad[explore].count_nonzero() > 0, (step, name)
+            # B \ A moved by exactly -lr * grad, from its dense value θ (not from α = 0)
+            expected = before[name]["theta"] - lr * grad
+            torch.testing.assert_close(after[name]["theta"][B], expected[B], rtol=1e-6, atol=1e-8)
+            assert torch.equal(after[name]["theta"][explore] != before[name]["theta"][explore], grad[explore] != 0)
+            if step % 2 == 0:
+                # entries of the exploration set that a refresh moved into A, having changed since the last refresh
+                entered = (
+                    explore & after[name]["A"] & (after[name]["theta"] != recorder.before[step - 2][name]["theta"])
+                )
+                grown += int(entered.sum())
+    assert grown > 0
+
+    for name in MASKED:
+        t = engine.tensors[name]
+        seen = recorder.start[name]["A"].clone()
+        for s in recorder.after:
+            seen |= s[name]["A"]
+        assert torch.equal(t.ever_active, seen), name
+        assert int(t.ever_active.sum()) > count(t.forward_density, t.numel), name
+
+
+@pytest.mark.parametrize(
+    ("decoupled", "precision"), [(False, "32"), (True, "32"), (False, "16-mixed-scaler"), (False, "bf16-mixed")]
+)
+def test_exploration_penalty_step_is_exact(tmp_path: Path, decoupled: bool, precision: str) -> None:
+    """Under a GradScaler too: the penalty's gradient is added after unscaling, so the loss scale does not touch it."""
+    lr, strength = 0.5, 0.1
+    callback = TopKASTCallback(
+        forward_sparsity=0.8,
+        backward_sparsity=0.5,
+        update_interval=100,
+        exploration_penalty=strength,
+        decoupled_penalty=decoupled,
+        verbose=False,
+    )
+    model = Spy(optimizer="plain", lr=lr, zero_loss=True)
+    amp: dict[str, Any] = {
+        "32": {},
+        "bf16-mixed": {"precision": "bf16-mixed"},
+        "16-mixed-scaler": {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]},
+    }[precision]
+    recorder, _ = _fit(tmp_path, model, callback, max_steps=1, **amp)
+
+    assert recorder.steps == [[1]]
+    for name in MASKED:
+        theta, A, B = (recorder.start[name][k] for k in ("theta", "A", "B"))
+        new_theta = recorder.after[0][name]["theta"]
+        explore = B & ~A
+        D = 0.2
+        assert not model.after_backward[0][name].any()  # the data gradient is exactly zero
+        torch.testing.assert_close(new_theta[A], theta[A] - lr * strength * theta[A], rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            new_theta[explore], theta[explore] - lr * strength / D * theta[explore], rtol=1e-6, atol=0
+        )
+        assert torch.equal(new_theta[~B], theta[~B])
+        if not decoupled:  # through the optimizer: the penalty is the gradient clipping sees
+            torch.testing.assert_close(
+                model.at_clipping[0][name],
+                torch.where(A, 1.0, torch.where(B, 1 / D, 0.0)) * strength * theta,
+                rtol=1e-6,
+                atol=0,
+            )
+        else:
+            assert not model.at_clipping[0][name].any()
+
+
+# --- 5. training setups ---------------------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
+    callback = TopKASTCallback(update_interval=2, verbose=False)
+    recorder, trainer = _fit(tmp_path, MLP(), callback, accumulate_grad_batches=2)
+    engine = _engine(callback)
+
+    assert trainer.global_step == engine.steps[0] == BATCHES // 2 == len(recorder.before)
+    assert recorder.steps == [[0], [1], [1], [2], [2], [3], [3], [4]]
+    assert recorder.refreshes[-1] == 2
+    assert [steps for _, steps in recorder.refresh_log] == [[2], [4]]
+    for snapshot in recorder.after:
+        _assert_invariants(snapshot, engine)
+    for before in recorder.before:
+        for name in MASKED:
+            assert not before[name]["grad"][~before[name]["B"]].any()
+
+
+def test_gradient_clipping_sees_and_clips_masked_gradients(tmp_path: Path) -> None:
+    lr, clip = 0.1, 0.5
+    callback = TopKASTCallback(update_interval=2, verbose=False)
+    model = Spy(optimizer="plain", lr=lr, loss_scale=10.0)
+    recorder, _ = _fit(tmp_path, model, callback, gradient_clip_val=clip, max_steps=4)
+    engine = _engine(callback)
+
+    assert len(model.at_clipping) == len(model.after_clipping) == 4
+    for at, clipped, before, after in zip(
+        model.at_clipping, model.after_clipping, recorder.before, recorder.after, strict=True
+    ):
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in at.values()]))
+        clipped_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped.values()]))
+        assert float(norm) > clip  # clipping was active
+        torch.testing.assert_close(clipped_norm, torch.tensor(clip), rtol=1e-5, atol=0)
+        for name in MASKED:
+            B = before[name]["B"]
+            assert torch.equal(at[name], before[name]["grad"])
+            assert not clipped[name][~B].any()
+            torch.testing.assert_close(
+                after[name]["theta"], torch.where(B, before[name]["theta"] - lr * clipped[name], before[name]["theta"])
+            )
+        _assert_invariants(after, engine)
+
+
+def test_bf16_mixed_precision(tmp_path: Path) -> None:
+    callback = TopKASTCallback(update_interval=2, verbose=False)
+    model = Spy()
+    recorder, trainer = _fit(tmp_path, model, callback, precision="bf16-mixed", max_steps=4)
+    engine = _engine(callback)
+
+    assert trainer.precision == "bf16-mixed"
+    assert engine.steps == [4]
+    assert recorder.refreshes[-1] == 2
+    assert all(torch.isfinite(torch.tensor(model.losses)))
+    for snapshot in [*recorder.after, recorder.end]:
+        _assert_invariants(snapshot, engine)
+        assert all(s["theta"].dtype == torch.float32 for s in snapshot.values())
+    for before in recorder.before:
+        for name in MASKED:
+            assert not before[name]["grad"][~before[name]["B"]].any()
+
+
+class GAN(L.LightningModule):
+    """Manual optimization: the discriminator steps on every batch, the generator on every other batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.discriminator = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        (real,) = batch
+        opt_g, opt_d = self.optimizers()
+        fake = self.generator(torch.randn(real.shape[0], 4))
+        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
+
+        d_loss = F.binary_cross_entropy_with_logits(self.discriminator(real), ones)
+        d_loss = d_loss + F.binary_cross_entropy_with_logits(self.discriminator(fake.detach()), zeros)
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+
+        if batch_idx % 2 == 0:
+            g_loss = F.binary_cross_entropy_with_logits(self.discriminator(fake), ones)
+            opt_g.zero_grad()
+            self.manual_backward(g_loss)
+            opt_g.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.Adam(self.generator.parameters(), lr=1e-2),
+            torch.optim.SGD(self.discriminator.parameters(), lr=0.1, momentum=0.9),
+        ]
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
+    callback = TopKASTCallback(update_interval=2, dense_first_layer=False, verbose=False)
+    loader = DataLoader(TensorDataset(torch.randn(64, 8) + 2.0), batch_size=8)
+    recorder, trainer = _fit(tmp_path, GAN(), callback, loader=loader)
+    engine = _engine(callback)
+
+    G, D = ["generator.0.weight", "generator.2.weight"], ["discriminator.0.weight", "discriminator.2.weight"]
+    assert sorted(engine.tensors) == D + G
+    assert engine.steps == [4, 8]  # optimizer 0 (generator) stepped on even batches, optimizer 1 on all
+    assert trainer.global_step == 12
+    assert recorder.refresh_log == [(D, [1, 2]), (G, [2, 3]), (D, [2, 4]), (D, [3, 6]), (G, [4, 7]), (D, [4, 8])]
+    assert recorder.refreshes[-1] == 6
+    assert engine.skipped_steps == 0
+    assert len(recorder.before) == 12
+    for snapshot in [*recorder.after, recorder.end]:
+        _assert_invariants(snapshot, engine)
+    for batch, after in enumerate(recorder.after):
+        previous = recorder.after[batch - 1] if batch else recorder.start
+        for name in G:  # the generator's θ moves only on batches where its optimizer stepped
+            if batch % 2:
+                assert torch.equal(after[name]["theta"], previous[name]["theta"]), (batch, name)
+            else:
+                assert not torch.equal(after[name]["theta"], previous[name]["theta"]), (batch, name)
+        for name in D:
+            assert not torch.equal(after[name]["theta"], previous[name]["theta"]), (batch, name)
+            B = previous[name]["B"]
+            assert torch.equal(after[name]["theta"][~B], previous[name]["theta"][~B]), (batch, name)
+
+
+def test_two_fits_in_a_row_continue_masks_and_counters(tmp_path: Path) -> None:
+    callback = TopKASTCallback(update_interval=2, verbose=False)
+    model = MLP()
+    first, _ = _fit(tmp_path, model, callback, max_steps=3)
+    engine = _engine(callback)
+    assert engine.steps == [3]
+
+    recorder = Recorder(callback)
+    trainer = make_trainer(tmp_path / "second", [callback, recorder], max_steps=4)
+    trainer.fit(model, _loader())
+
+    assert callback.engine is engine
+    assert trainer.global_step == 4
+    assert engine.steps == [7]
+    assert engine.refreshes - first.start_refreshes == 3
+    # the refresh at step 4 is the second fit's first step: the count went on from the first fit
+    assert [steps for _, steps in first.refresh_log] == [[2], [4], [6]]  # its listener stayed on the engine
+    assert [steps for _, steps in recorder.refresh_log] == [[4], [6]]
+    for name in MASKED:
+        end, start = first.end[name], recorder.start[name]
+        for key in ("theta", "A", "B", "ever", "param"):
+            assert torch.equal(start[key], end[key]), (name, key)
+        # θ outside A is not in the model (which holds α) yet came through: it lives in the callback
+        assert start["theta"][~start["A"]].count_nonzero() > 0
+        assert not start["param"][~start["A"]].any()
+    for snapshot in recorder.after:
+        _assert_invariants(snapshot, engine)
+
+
+def test_same_callback_on_a_new_model_starts_afresh(tmp_path: Path) -> None:
+    """Reused on another model, the callback builds new masks for it, and its FLOPs metrics describe the new model."""
+    callback = TopKASTCallback(update_interval=2, verbose=False)
+    _fit(tmp_path, MLP(), callback, max_steps=2)
+    first_engine, first_metrics = _engine(callback), callback.metrics()
+
+    model = MLP()
+    _fit(tmp_path / "second", model, callback, max_steps=2)
+    engine = _engine(callback)
+    params = dict(model.named_parameters())
+    assert engine is not first_engine
+    assert engine.steps == [2]
+    assert all(params[name] is t.param for name, t in engine.tensors.items())
+    metrics = callback.metrics()
+    # same architecture, densities and batch size: the same FLOPs fractions, well below dense
+    assert first_metrics["topkast/inference_flops_fraction"] < 1.0
+    for key in ("topkast/train_flops_fraction", "topkast/inference_flops_fraction"):
+        assert metrics[key] == first_metrics[key], key
+
+
+# --- 6. skipped steps -------------------------------------------------------------------------------------------
+
+
+class InfAt(Spy):
+    """Puts an inf into one gradient entry on a chosen batch, before unscaling, so a GradScaler skips the step."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__(optimizer="sgd")
+        self.inf_batch, self.batch_idx = batch, -1
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.batch_idx = batch_idx
+        return super().training_step(batch, batch_idx)
+
+    def on_after_backward(self) -> None:
+        if self.batch_idx == self.inf_batch:
+            grad = self.net[2].weight.grad
+            assert grad is not None
+            grad.view(-1)[0] = float("inf")
+        super().on_after_backward()
+
+
+class SkipAt(Spy):
+    """Computes the loss and gradients on a chosen batch but does not step, as a module that skips a step would."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__(optimizer="sgd")
+        self.skip_batch = batch
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if batch_idx == self.skip_batch:
+            optimizer_closure()
+            return
+        optimizer.step(closure=optimizer_closure)
+
+
+def _assert_skipped_batch_left_no_trace(recorder: Recorder, skipped: int) -> None:
+    before, at = recorder.after[skipped - 1], recorder.after[skipped]
+    assert recorder.steps[skipped] == recorder.steps[skipped - 1]
+    assert recorder.refreshes[skipped] == recorder.refreshes[skipped - 1]
+    for name in MASKED:
+        for key in ("param", "theta", "A", "B"):
+            assert torch.equal(at[name][key], before[name][key]), (name, key)
+
+
+def test_fp16_on_cpu_is_bf16(tmp_path: Path) -> None:
+    """Lightning swaps ``precision="16-mixed"`` for bf16 (no GradScaler) on CPU, hence the explicit plugin below."""
+    with pytest.warns(UserWarning, match="AMP with fp16 is not supported on CPU"):
+        trainer = make_trainer(tmp_path, [], precision="16-mixed")
+    assert trainer.precision == "bf16-mixed"
+
+
+def test_grad_scaler_skipped_step_restores_forward_weights(tmp_path: Path) -> None:
+    skipped = 3
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    callback = TopKASTCallback(update_interval=1, verbose=False)
+    model = InfAt(batch=skipped)
+    recorder, trainer = _fit(tmp_path, model, callback, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    engine = _engine(callback)
+
+    assert scaler.get_scale() == 512.0  # the scaler skipped exactly one step
+    assert engine.skipped_steps == 1
+    assert recorder.skipped == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert trainer.global_step == BATCHES  # Lightning counts the batch's step slot ...
+    assert engine.steps == [BATCHES - 1]  # ... Top-KAST counts the updates that ran
+    assert recorder.steps == [[1], [2], [3], [3], [4], [5], [6], [7]]
+    assert recorder.refreshes[-1] == BATCHES - 1
+    # before the skipped update the parameter held θ on B \ A (with the inf in the gradient), not α
+    prepared = recorder.before[skipped]["net.2.weight"]
+    explore = prepared["B"] & ~prepared["A"]
+    assert torch.equal(prepared["param"], torch.where(prepared["B"], prepared["theta"], 0))
+    assert prepared["param"][explore].count_nonzero() > 0
+    assert torch.isinf(prepared["grad"]).sum() == 1
+    _assert_skipped_batch_left_no_trace(recorder, skipped)
+    for snapshot in [*recorder.after, recorder.end]:
+        _assert_invariants(snapshot, engine)
+        assert all(torch.isfinite(s["theta"]).all() for s in snapshot.values())
+    assert recorder.after[-1]["net.2.weight"]["theta"].ne(recorder.after[skipped]["net.2.weight"]["theta"]).any()
+
+
+def test_step_skipped_by_the_module(tmp_path: Path) -> None:
+    skipped = 3
+    callback = TopKASTCallback(update_interval=1, verbose=False)
+    model = SkipAt(batch=skipped)
+    recorder, trainer = _fit(tmp_path, model, callback)
+    engine = _engine(callback)
+
+    assert trainer.global_step == BATCHES  # Lightning counts the batch's step slot ...
+    assert engine.steps == [BATCHES - 1]  # ... Top-KAST counts the updates that ran
+    assert len(model.losses) == BATCHES
+    assert len(recorder.before) == BATCHES - 1  # on_before_optimizer_step never ran for the skipped batch ...
+    assert engine.skipped_steps == 0  # ... so no parameter was prepared, and nothing needed restoring
+    assert recorder.refreshes[-1] == BATCHES - 1
+    _assert_skipped_batch_left_no_trace(recorder, skipped)
+    for snapshot in [*recorder.after, recorder.end]:
+        _assert_invariants(snapshot, engine)
