@@ -93,12 +93,13 @@ def summary_rows(tensors: Mapping[str, MaskedTensor]) -> list[dict[str, object]]
 
 
 def memory_overhead_bytes(tensors: Mapping[str, MaskedTensor]) -> int:
-    """Bytes the callback holds beyond the model: θ, the penalty's λ·c (when on) and three bool masks per weight."""
+    """Bytes the callback holds beyond the model: θ, three bool masks, the penalty's λ·c and float masks if on."""
     total = 0
     for t in tensors.values():
         coefficient = t.penalty_coefficient
         total += t.theta.numel() * t.theta.element_size() + 3 * t.numel
         total += 0 if coefficient is None else coefficient.numel() * coefficient.element_size()
+        total += sum(scale.numel() * scale.element_size() for scale in t.scales or ())
     return total
 
 
