@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -16,12 +15,11 @@ from torch.utils.hooks import RemovableHandle
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
-from lightning_topkast import distributions, reporting, targets
+from lightning_topkast import distributions, reporting, targets, validation
 from lightning_topkast.selection import count
 from lightning_topkast.state import TopKAST
 
 Distribution = Literal["uniform", "erk", "global"]
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
 class TopKASTCallback(Callback):
@@ -76,35 +74,22 @@ class TopKASTCallback(Callback):
         strict_resume: bool = True,
         verbose: bool = True,
     ) -> None:
-        self.forward_sparsity = _fraction("forward_sparsity", forward_sparsity, upper=1.0, closed=False)
-        self.backward_sparsity = _fraction("backward_sparsity", backward_sparsity, upper=self.forward_sparsity)
-        self.update_interval = _positive_int("update_interval", update_interval)
-        self.exploration_penalty = _non_negative("exploration_penalty", exploration_penalty)
-        if distribution not in distributions.DISTRIBUTIONS:
-            raise ValueError(
-                f"TopKASTCallback(distribution={distribution!r}): unknown; use one of "
-                f"{', '.join(map(repr, distributions.DISTRIBUTIONS))}"
-            )
-        self.distribution = distribution
-        self.sparsity_overrides = _overrides(sparsity_overrides)
-        self.include = _patterns("include", include)
-        self.exclude = _patterns("exclude", exclude)
-        for name, flag in [
-            ("decoupled_penalty", decoupled_penalty),
-            ("dense_first_layer", dense_first_layer),
-            ("dense_last_layer", dense_last_layer),
-            ("log_per_tensor", log_per_tensor),
-            ("strict_resume", strict_resume),
-            ("verbose", verbose),
-        ]:
-            if not isinstance(flag, bool):
-                raise TypeError(f"TopKASTCallback({name}={flag!r}): must be True or False")
-        self.decoupled_penalty = decoupled_penalty
-        self.dense_first_layer = dense_first_layer
-        self.dense_last_layer = dense_last_layer
-        self.log_per_tensor = log_per_tensor
-        self.strict_resume = strict_resume
-        self.verbose = verbose
+        self.forward_sparsity = validation.fraction("forward_sparsity", forward_sparsity, upper=1.0, closed=False)
+        self.backward_sparsity = validation.fraction(
+            "backward_sparsity", backward_sparsity, upper=self.forward_sparsity
+        )
+        self.update_interval = validation.positive_int("update_interval", update_interval)
+        self.exploration_penalty = validation.non_negative("exploration_penalty", exploration_penalty)
+        self.distribution = validation.choice("distribution", distribution, distributions.DISTRIBUTIONS)
+        self.sparsity_overrides = validation.overrides(sparsity_overrides)
+        self.include = validation.patterns("include", include)
+        self.exclude = validation.patterns("exclude", exclude)
+        self.decoupled_penalty = validation.flag("decoupled_penalty", decoupled_penalty)
+        self.dense_first_layer = validation.flag("dense_first_layer", dense_first_layer)
+        self.dense_last_layer = validation.flag("dense_last_layer", dense_last_layer)
+        self.log_per_tensor = validation.flag("log_per_tensor", log_per_tensor)
+        self.strict_resume = validation.flag("strict_resume", strict_resume)
+        self.verbose = validation.flag("verbose", verbose)
 
         self.engine: TopKAST | None = None
         self.kept_dense: dict[str, str] = {}
@@ -120,7 +105,7 @@ class TopKASTCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            check_strategy(trainer.strategy)
+            validation.check_strategy(trainer.strategy)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -216,9 +201,12 @@ class TopKASTCallback(Callback):
         pinned = self._pinned(masked)
         free = {name: tuple(p.shape) for name, p in masked.items() if name not in pinned}
         densities = distributions.forward_backward_densities(
-            self.distribution, free, _density(self.forward_sparsity), _density(self.backward_sparsity)
+            self.distribution,
+            free,
+            validation.density(self.forward_sparsity),
+            validation.density(self.backward_sparsity),
         )
-        densities.update({name: (_density(f), _density(b)) for name, (f, b) in pinned.items()})
+        densities.update({name: (validation.density(f), validation.density(b)) for name, (f, b) in pinned.items()})
         global_pool = list(free) if self.distribution == "global" else []
         self._check_model(pl_module, masked, densities, global_pool)
         self.kept_dense = selection.kept_dense
@@ -353,75 +341,3 @@ class TopKASTCallback(Callback):
         if self.engine is None:
             raise RuntimeError("TopKASTCallback has no masks yet: they are built at the start of Trainer.fit")
         return self.engine
-
-
-def check_strategy(strategy: object) -> None:
-    """Raise for strategies that shard parameters (FSDP, DeepSpeed, model parallel): not supported yet."""
-    name = type(strategy).__name__
-    if any(cls.__name__ in _SHARDED_STRATEGIES for cls in type(strategy).__mro__):
-        raise ValueError(
-            f"TopKASTCallback does not support Trainer(strategy={name}): it shards parameters, and a top-k per shard "
-            "is a different algorithm from Top-KAST's per-tensor top-k. Use strategy='ddp' or a single device."
-        )
-
-
-def _density(sparsity: float) -> float:
-    # 1 - 0.8 is 0.19999999999999996 in floats; rounding keeps summaries and checkpoints free of that noise
-    return round(1.0 - sparsity, 12)
-
-
-def _fraction(argument: str, value: Any, upper: float, closed: bool = True) -> float:
-    interval = f"[0, {upper}]" if closed else f"[0, {upper})"
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"TopKASTCallback({argument}={value!r}): must be a number in {interval}")
-    inside = 0.0 <= value <= upper if closed else 0.0 <= value < upper
-    if not inside:
-        why = ""
-        if argument == "backward_sparsity":
-            why = " (at most forward_sparsity, because the backward set contains the forward set)"
-        raise ValueError(f"TopKASTCallback({argument}={value!r}): must be in {interval}{why}")
-    return float(value)
-
-
-def _positive_int(argument: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"TopKASTCallback({argument}={value!r}): must be an integer >= 1 (optimizer steps)")
-    return value
-
-
-def _non_negative(argument: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"TopKASTCallback({argument}={value!r}): must be a finite number >= 0 (0 turns it off)")
-    return float(value)
-
-
-def _patterns(argument: str, value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-        raise TypeError(
-            f"TopKASTCallback({argument}={value!r}): must be a list of parameter-name globs or module class names, "
-            f"e.g. {argument}=['encoder.*', 'Conv2d']"
-        )
-    return list(value)
-
-
-def _overrides(value: Any) -> dict[str, tuple[float, float]]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise TypeError(
-            f"TopKASTCallback(sparsity_overrides={value!r}): must map names to [forward_sparsity, backward_sparsity]"
-        )
-    pinned = {}
-    for name, pair in value.items():
-        example = f"sparsity_overrides={{{name!r}: [0.9, 0.8]}}"
-        if isinstance(pair, str) or not hasattr(pair, "__len__") or len(pair) != 2:
-            raise ValueError(
-                f"TopKASTCallback(sparsity_overrides={{{name!r}: {pair!r}}}): give [forward_sparsity, "
-                f"backward_sparsity], e.g. {example}"
-            )
-        forward = _fraction(f"sparsity_overrides[{name!r}][0]", pair[0], upper=1.0, closed=False)
-        backward = _fraction(f"sparsity_overrides[{name!r}][1]", pair[1], upper=forward)
-        pinned[name] = (forward, backward)
-    return pinned

@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from lightning_topkast import TopKASTCallback
-from lightning_topkast.callback import check_strategy
+from lightning_topkast.validation import check_strategy
 
 CONSTRUCTOR_ERRORS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"forward_sparsity": 1.0}, ValueError, r"forward_sparsity=1\.0\): must be in \[0, 1\.0\)"),

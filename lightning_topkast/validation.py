@@ -1,0 +1,101 @@
+"""Argument checks for ``TopKASTCallback``: each error names the argument, shows the value and says what is valid."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def check_strategy(strategy: object) -> None:
+    """Raise for strategies that shard parameters (FSDP, DeepSpeed, model parallel): not supported yet."""
+    name = type(strategy).__name__
+    if any(cls.__name__ in _SHARDED_STRATEGIES for cls in type(strategy).__mro__):
+        raise ValueError(
+            f"TopKASTCallback does not support Trainer(strategy={name}): it shards parameters, and a top-k per shard "
+            "is a different algorithm from Top-KAST's per-tensor top-k. Use strategy='ddp' or a single device."
+        )
+
+
+def density(sparsity: float) -> float:
+    """The density ``1 - sparsity``, the paper's D."""
+    # 1 - 0.8 is 0.19999999999999996 in floats; rounding keeps summaries and checkpoints free of that noise
+    return round(1.0 - sparsity, 12)
+
+
+def fraction(argument: str, value: Any, upper: float, closed: bool = True) -> float:
+    """A number in ``[0, upper]`` (``[0, upper)`` when not ``closed``)."""
+    interval = f"[0, {upper}]" if closed else f"[0, {upper})"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"TopKASTCallback({argument}={value!r}): must be a number in {interval}")
+    inside = 0.0 <= value <= upper if closed else 0.0 <= value < upper
+    if not inside:
+        why = ""
+        if argument == "backward_sparsity":
+            why = " (at most forward_sparsity, because the backward set contains the forward set)"
+        raise ValueError(f"TopKASTCallback({argument}={value!r}): must be in {interval}{why}")
+    return float(value)
+
+
+def choice(argument: str, value: Any, choices: tuple[str, ...]) -> str:
+    """One of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"TopKASTCallback({argument}={value!r}): unknown; use one of {', '.join(map(repr, choices))}")
+    return str(value)
+
+
+def flag(argument: str, value: Any) -> bool:
+    """True or False, nothing truthy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"TopKASTCallback({argument}={value!r}): must be True or False")
+    return value
+
+
+def positive_int(argument: str, value: Any) -> int:
+    """An integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"TopKASTCallback({argument}={value!r}): must be an integer >= 1 (optimizer steps)")
+    return value
+
+
+def non_negative(argument: str, value: Any) -> float:
+    """A finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"TopKASTCallback({argument}={value!r}): must be a finite number >= 0 (0 turns it off)")
+    return float(value)
+
+
+def patterns(argument: str, value: Any) -> list[str] | None:
+    """A list of name globs or module class names, or None."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise TypeError(
+            f"TopKASTCallback({argument}={value!r}): must be a list of parameter-name globs or module class names, "
+            f"e.g. {argument}=['encoder.*', 'Conv2d']"
+        )
+    return list(value)
+
+
+def overrides(value: Any) -> dict[str, tuple[float, float]]:
+    """``{name: (forward_sparsity, backward_sparsity)}`` with each pair valid."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"TopKASTCallback(sparsity_overrides={value!r}): must map names to [forward_sparsity, backward_sparsity]"
+        )
+    pinned = {}
+    for name, pair in value.items():
+        example = f"sparsity_overrides={{{name!r}: [0.9, 0.8]}}"
+        if isinstance(pair, str) or not hasattr(pair, "__len__") or len(pair) != 2:
+            raise ValueError(
+                f"TopKASTCallback(sparsity_overrides={{{name!r}: {pair!r}}}): give [forward_sparsity, "
+                f"backward_sparsity], e.g. {example}"
+            )
+        forward = fraction(f"sparsity_overrides[{name!r}][0]", pair[0], upper=1.0, closed=False)
+        backward = fraction(f"sparsity_overrides[{name!r}][1]", pair[1], upper=forward)
+        pinned[name] = (forward, backward)
+    return pinned
