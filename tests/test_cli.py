@@ -89,3 +89,22 @@ def test_yaml_with_an_invalid_value_names_the_argument(tmp_path: Path, capsys: p
         _run(tmp_path, "--trainer.callbacks.init_args.backward_sparsity=0.95")
     message = str(error.value) + capsys.readouterr().err
     assert "backward_sparsity=0.95" in message
+
+
+def test_yaml_overrides_and_patterns_reach_the_callback(tmp_path: Path) -> None:
+    config = tmp_path / "overrides.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_topkast.TopKASTCallback\n      init_args:\n"
+        "        distribution: global\n        include: [Linear]\n        exclude: ['net.0.*']\n"
+        "        dense_first_layer: false\n"
+        "        sparsity_overrides:\n          net.4.weight: [0.5, 0.25]\n"
+    )
+    cli = _run(tmp_path, "--config", str(config))
+    (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, TopKASTCallback)]  # type: ignore[attr-defined]
+    assert callback.sparsity_overrides == {"net.4.weight": (0.5, 0.25)}
+    assert (callback.distribution, callback.include, callback.exclude) == ("global", ["Linear"], ["net.0.*"])
+    assert callback.engine is not None
+    pinned = callback.engine.tensors["net.4.weight"]
+    assert int(pinned.forward_set.sum()) == count(0.5, 2560)
+    assert int(pinned.backward_set.sum()) == count(0.75, 2560)
+    assert list(callback.engine.tensors) == ["net.2.weight", "net.4.weight"]
