@@ -176,7 +176,7 @@ class TopKASTCallback(Callback):
         return reporting.format_table(self.summary(), self.kept_dense, reporting.memory_overhead_bytes(engine.tensors))
 
     def metrics(self) -> dict[str, float]:
-        """The flat ``topkast/...`` metrics dict the callback logs."""
+        """The flat ``topkast/...`` metrics the callback logs; turnover covers the refreshes since the last call."""
         engine = self._require_engine()
         metrics = reporting.density_metrics(engine.tensors, self.exploration_penalty, self.log_per_tensor)
         # always logged: Lightning repeats a step metric's last value at later log steps, so an absent key would
