@@ -653,3 +653,18 @@ def test_step_skipped_by_the_module(tmp_path: Path) -> None:
     _assert_skipped_batch_left_no_trace(recorder, skipped)
     for snapshot in [*recorder.after, recorder.end]:
         _assert_invariants(snapshot, engine)
+
+
+def test_bf16_true_keeps_theta_and_sets_in_the_parameters_dtype(tmp_path: Path) -> None:
+    """With bf16 parameters, θ, the float masks and the penalty weights are bf16 too, and counts stay exact."""
+    callback = TopKASTCallback(update_interval=2)
+    make_trainer(tmp_path, [callback], max_steps=4, precision="bf16-true").fit(MLP(), make_loader())
+    assert callback.engine is not None
+    assert callback.engine.steps == [4]
+    assert callback.engine.refreshes == 2
+    for tensor in callback.engine.tensors.values():
+        assert tensor.param.dtype == tensor.theta.dtype == torch.bfloat16
+        assert tensor.scales is not None
+        assert tensor.scales[0].dtype == torch.bfloat16
+        assert int(tensor.forward_set.sum()) == count(tensor.forward_density, tensor.numel)
+        assert torch.equal(tensor.param, torch.where(tensor.forward_set, tensor.theta, 0))
