@@ -89,12 +89,18 @@ class DigitsCLI(LightningCLI):
         # validate the final model: its parameters hold the sparse forward weights, no callback needed
         (result,) = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         if self.trainer.is_global_zero:
-            print(f"validation accuracy of the sparse model {result['val_acc']:.4f}")
+            print(f"validation accuracy of the {'sparse' if callbacks else 'dense'} model {result['val_acc']:.4f}")
 
 
 def main(args: list[str] | None = None) -> DigitsCLI:
     """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests pass it)."""
-    return DigitsCLI(DigitsClassifier, DigitsDataModule, seed_everything_default=0, args=args)
+    return DigitsCLI(
+        DigitsClassifier,
+        DigitsDataModule,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},  # reruns of the example may share a log directory
+        args=args,
+    )
 
 
 if __name__ == "__main__":
