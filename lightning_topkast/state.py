@@ -93,25 +93,26 @@ class MaskedTensor:
         return moved
 
     @torch.no_grad()
-    def write_forward_weights(self) -> None:
-        """Make the parameter hold α: θ on A, exactly 0 elsewhere."""
-        self.keep(self.theta, on_forward_set=True, out=self.param)
+    def write_forward_weights(self, theta_finite: bool | None = None) -> None:
+        """Make the parameter hold α: θ on A, exactly 0 elsewhere (``theta_finite``: already known, or None)."""
+        self.keep(self.theta, on_forward_set=True, out=self.param, finite=theta_finite)
 
-    def keep(self, x: Tensor, on_forward_set: bool, out: Tensor) -> None:
-        """``out`` = ``x`` on A (or B), 0 elsewhere."""
+    def keep(self, x: Tensor, on_forward_set: bool, out: Tensor, finite: bool | None = None) -> None:
+        """``out`` = ``x`` on A (or B), 0 elsewhere; ``finite`` says whether ``x`` is, when already known."""
         mask = self.forward_set if on_forward_set else self.backward_set
-        if self.scales is not None and _finite(x):
+        if self.scales is not None and (_finite(x) if finite is None else finite):
             torch.mul(x, self.scales[0 if on_forward_set else 1], out=out)
         else:
             torch.where(mask, x, _zero(x), out=out)
 
-    def merge(self, inside: Tensor, outside: Tensor, out: Tensor) -> None:
-        """``out`` = ``inside`` on B, ``outside`` elsewhere (``out`` may be ``outside``)."""
+    def merge(self, inside: Tensor, outside: Tensor, out: Tensor) -> bool:
+        """``out`` = ``inside`` on B, ``outside`` elsewhere (``out`` may be ``outside``); True if all were finite."""
         if self.scales is not None and _finite(inside) and _finite(outside):
             # exact for finite values: x·1 + y·0 = x
             torch.mul(outside, self.scales[2], out=out).addcmul_(inside, self.scales[1])
-        else:
-            torch.where(self.backward_set, inside, outside, out=out)
+            return True
+        torch.where(self.backward_set, inside, outside, out=out)
+        return False
 
 
 class TopKAST:
@@ -239,8 +240,9 @@ class TopKAST:
                 "Under Lightning, step through the LightningOptimizer (self.optimizers()), not its .optimizer"
             )
         lrs = self._learning_rates(index) if self.decoupled_penalty and self.penalty else {}
+        finite: dict[str, bool] = {}  # θ known finite after a fast merge (the penalty only shrinks it)
         for tensor in pending:
-            tensor.merge(tensor.param, tensor.theta, out=tensor.theta)
+            finite[tensor.name] = tensor.merge(tensor.param, tensor.theta, out=tensor.theta)
             if lrs and tensor.penalty_coefficient is not None:
                 tensor.theta.addcmul_(tensor.penalty_coefficient, tensor.theta, value=-lrs[id(tensor.param)])
             self._pending.discard(tensor.name)
@@ -257,7 +259,7 @@ class TopKAST:
         self._unchecked.discard(index)
         self._zero_state_outside(self._optimizers[index], group, keep)
         for tensor in group:
-            tensor.write_forward_weights()
+            tensor.write_forward_weights(finite.get(tensor.name))
 
     def _zero_state_outside(self, optimizer: Optimizer, group: Sequence[MaskedTensor], keep: dict[str, Tensor]) -> None:
         # every state tensor shaped like the parameter, whatever the optimizer calls it
