@@ -23,10 +23,14 @@ def count(density: float, numel: int) -> int:
     return min(numel, math.floor(density * numel + 0.5))
 
 
+# Above this many entries the k-th largest score is found in a band around a sampled estimate of it.
+_BAND_SELECT_ABOVE = 1 << 16
+_SAMPLE_SIZE = 4096
+
+
 def magnitude_scores(theta: Tensor) -> Tensor:
     """Flat ``|θ|`` with NaN ranked below every real magnitude, so the order is total and deterministic."""
-    scores = theta.detach().flatten().abs()
-    return torch.where(torch.isnan(scores), -1.0, scores)
+    return theta.detach().flatten().abs().nan_to_num_(nan=-1.0, posinf=math.inf)
 
 
 def magnitude_order(theta: Tensor) -> Tensor:
@@ -44,8 +48,8 @@ def magnitude_order(theta: Tensor) -> Tensor:
 def top_mask(scores: Tensor, k: int) -> Tensor:
     """Flat bool mask of the ``k`` largest ``scores``, ties taken by increasing index: exactly ``k`` entries.
 
-    Equal to the first ``k`` of a stable descending sort, in two passes (a k-th value select and a compare) instead of
-    a sort, which is several times faster on large tensors.
+    Equal to the first ``k`` of a stable descending sort, found without one: a threshold select
+    (:func:`kth_largest`) and a compare.
 
     Examples:
         >>> top_mask(torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0]), 3).tolist()
@@ -54,12 +58,48 @@ def top_mask(scores: Tensor, k: int) -> Tensor:
     n = scores.numel()
     if k <= 0 or k >= n:
         return torch.full((n,), k > 0, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(scores, n - k + 1).values
+    threshold = kth_largest(scores, k)
     mask = scores > threshold
-    missing = k - int(mask.sum())
+    missing = k - int(torch.count_nonzero(mask))
     if missing:
         mask[torch.nonzero(scores == threshold).flatten()[:missing]] = True
     return mask
+
+
+def kth_largest(scores: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest of flat, NaN-free ``scores`` (``1 <= k <= numel``), exactly.
+
+    A full selection over millions of entries costs ~10 ms per million on CPU. Instead, a strided sample brackets
+    the answer between two of its values; one pass counts the entries above the bracket and gathers those inside
+    it, and the exact select runs on that band, a few percent of the tensor. Should the bracket miss (a sample
+    far from typical), the full selection runs, so the result never depends on the sample.
+
+    Examples:
+        >>> kth_largest(torch.tensor([0.5, 3.0, 2.0, 3.0]), 2).item(), kth_largest(torch.arange(100_000.0), 7).item()
+        (3.0, 99993.0)
+    """
+    n = scores.numel()
+    if n <= _BAND_SELECT_ABOVE:
+        return torch.kthvalue(scores, n - k + 1).values
+    sample = torch.sort(scores[:: n // _SAMPLE_SIZE], descending=True).values
+    m = sample.numel()
+    # the answer's rank in the sample has a standard deviation below sqrt(m)/2: a margin of 4 of them
+    margin = 2 * math.isqrt(m) + 2
+    position = k * m / n
+    upper, lower = math.floor(position) - margin, math.ceil(position) + margin
+    in_band = torch.ones_like(scores, dtype=torch.bool)
+    above = 0
+    if upper >= 0:
+        above_band = scores > sample[upper]
+        above = int(torch.count_nonzero(above_band))
+        in_band &= ~above_band
+    if lower < m:
+        in_band &= scores >= sample[lower]
+    band = scores[in_band]
+    rank = k - above  # the answer is the rank-th largest of the entries at or below the bracket's top
+    if 1 <= rank <= band.numel():
+        return torch.kthvalue(band, band.numel() - rank + 1).values
+    return torch.kthvalue(scores, n - k + 1).values
 
 
 def forward_backward_sets(theta: Tensor, forward_density: float, backward_density: float) -> tuple[Tensor, Tensor]:
