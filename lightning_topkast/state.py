@@ -227,7 +227,9 @@ class TopKAST:
             # a NaN or inf outside B must not reach the update: `keep` selects rather than multiplies then
             tensor.keep(grad, on_forward_set=False, out=grad)
             if tensor.penalty_coefficient is not None and not self.decoupled_penalty:
-                grad.addcmul_(tensor.penalty_coefficient, tensor.theta)  # the exact gradient λ·c·θ, 0 outside B
+                # λ·c·θ through the parameter, which holds θ on B and exactly 0 outside it: 0·θ would be NaN where
+                # θ is not finite (a weight a bf16 step made NaN stays NaN outside B until a refresh)
+                grad.addcmul_(tensor.penalty_coefficient, tensor.param)
             self._pending.add(tensor.name)
 
     @torch.no_grad()
@@ -285,6 +287,14 @@ class TopKAST:
         then still holds θ on B \ A and must hold α before the next forward.
         """
         return self._restore(self.tensors.values())
+
+    def pending_forward_weights(self) -> dict[str, Tensor]:
+        r"""α of the tensors prepared by :meth:`before_step` whose step has not finished: they hold θ on B \ A now."""
+        return {
+            name: torch.where(tensor.forward_set, tensor.theta, _zero(tensor.theta))
+            for name, tensor in self.tensors.items()
+            if name in self._pending
+        }
 
     def _restore(self, tensors: Iterable[MaskedTensor]) -> int:
         skipped = [t for t in tensors if t.name in self._pending]
