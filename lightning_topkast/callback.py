@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
@@ -155,6 +155,11 @@ class TopKASTCallback(Callback):
         self._loaded_state = state_dict
         if self.engine is not None and self.engine.attached:
             self._restore_loaded_state()  # strategies that restore after setup (none supported yet) land here
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.engine is not None:
+            checkpoint["state_dict"] = _with_forward_weights(checkpoint.get("state_dict", {}), self.engine)
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -341,3 +346,16 @@ class TopKASTCallback(Callback):
         if self.engine is None:
             raise RuntimeError("TopKASTCallback has no masks yet: they are built at the start of Trainer.fit")
         return self.engine
+
+
+def _with_forward_weights(state_dict: dict[str, Any], engine: TopKAST) -> dict[str, Any]:
+    """``state_dict`` with α for parameters saved mid-step (holding θ on B), under every name that shares them."""
+    pending = engine.pending_forward_weights()
+    if not pending:
+        return state_dict
+    storage = {engine.tensors[name].param.data_ptr(): alpha for name, alpha in pending.items()}
+    # entries are views of the live parameters: replace them, never write into them
+    return {
+        key: storage.get(value.data_ptr(), value) if isinstance(value, Tensor) else value
+        for key, value in state_dict.items()
+    }
