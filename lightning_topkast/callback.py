@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -213,7 +214,7 @@ class TopKASTCallback(Callback):
         )
         densities.update({name: (validation.density(f), validation.density(b)) for name, (f, b) in pinned.items()})
         global_pool = list(free) if self.distribution == "global" else []
-        self._check_model(pl_module, masked, densities, global_pool)
+        self._check_model(pl_module, masked, densities, global_pool, pinned)
         self.kept_dense = selection.kept_dense
         engine = TopKAST(
             {name: masked[name] for name in selection.masked},
@@ -244,6 +245,7 @@ class TopKASTCallback(Callback):
         masked: Mapping[str, nn.Parameter],
         densities: Mapping[str, tuple[float, float]],
         global_pool: list[str],
+        pinned: Mapping[str, tuple[float, float]],
     ) -> None:
         modules, masked_ids = pl_module.modules(), {id(p) for p in masked.values()}
         for module in modules:
@@ -252,17 +254,35 @@ class TopKASTCallback(Callback):
                     "TopKASTCallback masks dense gradients, but an nn.Embedding has sparse=True; build it with "
                     "sparse=False or exclude it with exclude=['Embedding']"
                 )
-        for name, param in masked.items():
-            if name in global_pool:
-                continue
-            forward_density = densities[name][0]
-            if count(forward_density, param.numel()) == 0:
+        free = {name: tuple(p.shape) for name, p in masked.items() if name not in pinned}
+        suggestion = f"Use forward_sparsity <= {distributions.max_sparsity(self.distribution, free):.4f}"
+        if global_pool:
+            total = sum(masked[name].numel() for name in global_pool)
+            forward_density = densities[global_pool[0]][0]
+            if count(forward_density, total) == 0:
                 raise ValueError(
-                    f"TopKASTCallback(forward_sparsity={self.forward_sparsity}): {name} ({param.numel()} weights) "
-                    f"would keep round({forward_density:.4g} * {param.numel()}) = 0 weights in its forward set, "
-                    f"cutting the layer off. Use forward_sparsity <= {1 - 0.5 / param.numel():.4f}, pin it with "
-                    "sparsity_overrides, or exclude it."
+                    f"TopKASTCallback(forward_sparsity={self.forward_sparsity}, distribution='global'): the {total} "
+                    f"weights ranked together would keep round({forward_density:.4g} * {total}) = 0 in the forward "
+                    f"set, cutting the network off. {suggestion}."
                 )
+        for name, param in masked.items():
+            forward_density = densities[name][0]
+            if name in global_pool or count(forward_density, param.numel()) > 0:
+                continue
+            if name in pinned:
+                pattern = next(
+                    p for p in reversed(self.sparsity_overrides) if p == name or fnmatch.fnmatchcase(name, p)
+                )
+                argument = f"sparsity_overrides={{{pattern!r}: {list(pinned[name])}}}"
+                fix = f"Pin it at a forward sparsity <= {math.floor((1 - 0.5 / param.numel()) * 1e4) / 1e4:.4f}"
+            else:
+                argument = f"forward_sparsity={self.forward_sparsity}"
+                fix = f"{suggestion}, pin it with sparsity_overrides"
+            raise ValueError(
+                f"TopKASTCallback({argument}): {name} ({param.numel()} weights) would keep "
+                f"round({forward_density:.4g} * {param.numel()}) = 0 weights in its forward set, cutting the layer "
+                f"off. {fix}, or exclude it."
+            )
 
     def _restore_loaded_state(self) -> None:
         engine = self._require_engine()

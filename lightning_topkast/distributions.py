@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+from lightning_topkast.selection import count
+
 DISTRIBUTIONS = ("uniform", "erk", "global")
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -78,3 +80,31 @@ def forward_backward_densities(
     forward = densities(distribution, shapes, forward_density)
     backward = densities(distribution, shapes, backward_density)
     return {name: (forward[name], max(forward[name], backward[name])) for name in shapes}
+
+
+def max_sparsity(distribution: str, shapes: Shapes) -> float:
+    """The largest forward sparsity, rounded down to 4 decimals, that leaves every tensor a non-empty forward set.
+
+    For ``"global"``, the tensors ranked together must keep at least one weight between them.
+
+    Examples:
+        >>> max_sparsity("uniform", {"a": (10, 10), "b": (3,)}), max_sparsity("global", {"a": (10, 10), "b": (3,)})
+        (0.8333, 0.9951)
+    """
+    numels = {name: math.prod(shape) for name, shape in shapes.items()}
+
+    def feasible(sparsity: float) -> bool:
+        density = round(1.0 - sparsity, 12)  # as the callback turns a sparsity into D
+        if distribution == "global":
+            return count(density, sum(numels.values())) >= 1
+        return all(count(d, numels[name]) >= 1 for name, d in densities(distribution, shapes, density).items())
+
+    # ERK densities grow with the budget, so feasibility is monotone in the sparsity
+    feasible_below, infeasible_above = 0.0, 1.0
+    for _ in range(50):
+        middle = (feasible_below + infeasible_above) / 2
+        if feasible(middle):
+            feasible_below = middle
+        else:
+            infeasible_above = middle
+    return math.floor(feasible_below * 1e4) / 1e4

@@ -85,8 +85,10 @@ class MaskedTensor:
         self.ever_active |= forward_set
         self.penalty_coefficient = None
         if penalty:
-            weights = penalty_weights(forward_set, backward_set, self.forward_density, self.theta.dtype)
-            self.penalty_coefficient = weights.mul_(penalty)
+            # λ/D fits in half precision where 1/D may not (D = 1e-5 overflows float16): multiply, then narrow
+            wide = torch.promote_types(self.theta.dtype, torch.float32)
+            weights = penalty_weights(forward_set, backward_set, self.forward_density, wide)
+            self.penalty_coefficient = weights.mul_(penalty).to(self.theta.dtype)
         if self.float_masks:
             dtype = self.theta.dtype
             self.scales = (forward_set.to(dtype), backward_set.to(dtype), (~backward_set).to(dtype))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -89,8 +89,13 @@ def overrides(value: Any) -> dict[str, tuple[float, float]]:
         )
     pinned = {}
     for name, pair in value.items():
+        if not isinstance(name, str):
+            raise TypeError(
+                f"TopKASTCallback(sparsity_overrides={dict(value)!r}): keys must be parameter names or globs (str), "
+                f"got {name!r}; e.g. {{'net.2.weight': [0.9, 0.8]}}"
+            )
         example = f"sparsity_overrides={{{name!r}: [0.9, 0.8]}}"
-        if isinstance(pair, str) or not hasattr(pair, "__len__") or len(pair) != 2:
+        if isinstance(pair, str | Mapping) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise ValueError(
                 f"TopKASTCallback(sparsity_overrides={{{name!r}: {pair!r}}}): give [forward_sparsity, "
                 f"backward_sparsity], e.g. {example}"

@@ -1,0 +1,210 @@
+"""Properties of selection and distributions over hostile values: ties, ±0.0, extremes, inf and NaN, any dtype.
+
+What the package does with NaN (``selection.magnitude_scores``): a NaN weight ranks below every real magnitude,
+ties among NaNs by position, so a NaN enters a set only once every non-NaN entry is in it. ``±inf`` ranks above every
+finite magnitude. The reference below is NumPy's lexsort over ``tolist()``, independent of the package's selection.
+test_selection.py and test_distributions.py hold the literal cases and the properties on tame values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_topkast.distributions import DISTRIBUTIONS, forward_backward_densities
+from lightning_topkast.selection import count, forward_backward_sets, global_forward_backward_sets
+from lightning_topkast.state import TopKAST
+
+PROPERTY = settings(max_examples=60, deadline=None)
+NAN, INF = float("nan"), float("inf")
+
+# magnitudes that tie, vanish, overflow half precision, or sit at the ends of float32
+HOSTILE = [0.0, -0.0, 1.0, -1.0, 0.5, 2.0, -2.0, 1e-3, 3.0e38, -3.0e38, 1e-38, 1e-45, 65504.0, INF, -INF, NAN, -NAN]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+shapes = st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple)
+densities = st.floats(0.0, 1.0, allow_nan=False)
+# the callback's forward_sparsity is below 1 and its density is rounded to 12 digits, so D >= 1e-12
+budgets = st.floats(1e-12, 1.0)
+
+
+@st.composite
+def tensors(draw: st.DrawFn, allow_nan: bool = True) -> torch.Tensor:
+    """A tensor of a random shape and dtype, its values drawn from ``HOSTILE`` or from a normal distribution."""
+    shape, dtype = draw(shapes), draw(st.sampled_from(DTYPES))
+    n = math.prod(shape)
+    pool = [v for v in HOSTILE if allow_nan or not math.isnan(v)]
+    if draw(st.booleans()):
+        values = draw(st.lists(st.sampled_from(pool), min_size=n, max_size=n))
+        return torch.tensor(values, dtype=torch.float64).to(dtype).reshape(shape)
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1e3).to(dtype)
+
+
+def reference_sets(theta: torch.Tensor, forward_density: float, backward_density: float) -> tuple[list[int], list[int]]:
+    """Flat indices of A and B by hand: |θ| descending, ties by index, NaN after everything else."""
+    values = np.asarray(theta.detach().flatten().double().tolist(), dtype=np.float64)
+    nan = np.isnan(values)
+    # np.lexsort sorts by the last key first: NaN last, then larger magnitude first, then lower index
+    order = np.lexsort((np.arange(values.size), -np.where(nan, 0.0, np.abs(values)), nan))
+    n = values.size
+    return sorted(order[: count(forward_density, n)].tolist()), sorted(order[: count(backward_density, n)].tolist())
+
+
+def flat_indices(mask: torch.Tensor) -> list[int]:
+    return mask.flatten().nonzero().flatten().tolist()
+
+
+def flip_signs(theta: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """``theta`` with the signs of the ``flip`` entries negated (0.0 becomes -0.0, NaN a negative NaN)."""
+    return torch.where(flip.view(theta.shape), theta.neg(), theta)
+
+
+# --- per-tensor selection -------------------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(theta=tensors(), d=densities, m=densities, data=st.data())
+def test_sets_are_exact_nested_deterministic_and_sign_blind(
+    theta: torch.Tensor, d: float, m: float, data: st.DataObject
+) -> None:
+    d, dm = sorted((d, m))
+    n = theta.numel()
+    a, b = forward_backward_sets(theta, d, dm)
+    assert a.dtype == b.dtype == torch.bool
+    assert a.shape == b.shape == theta.shape
+    assert int(a.sum()) == count(d, n)
+    assert int(b.sum()) == count(dm, n)
+    assert not bool((a & ~b).any())
+    expected_a, expected_b = reference_sets(theta, d, dm)
+    assert flat_indices(a) == expected_a
+    assert flat_indices(b) == expected_b
+    # deterministic: a copy of the input, and the same input again
+    for again in (theta, theta.clone()):
+        a2, b2 = forward_backward_sets(again, d, dm)
+        assert torch.equal(a2, a)
+        assert torch.equal(b2, b)
+    # any subset of signs flipped, so 0.0 against -0.0 and NaN against -NaN too
+    flip = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    a3, b3 = forward_backward_sets(flip_signs(theta, flip), d, dm)
+    assert torch.equal(a3, a)
+    assert torch.equal(b3, b)
+
+
+@PROPERTY
+@given(theta=tensors(), d=densities)
+def test_nan_enters_a_set_only_after_every_number(theta: torch.Tensor, d: float) -> None:
+    flat = theta.flatten()
+    is_nan = torch.isnan(flat)
+    a, _ = forward_backward_sets(theta, d, d)
+    chosen = a.flatten()
+    numbers = int((~is_nan).sum())
+    if count(d, flat.numel()) <= numbers:
+        assert not bool((chosen & is_nan).any())
+    else:
+        assert bool(chosen[~is_nan].all())
+        # the NaNs that make up the rest are the first ones by position
+        nan_positions = is_nan.nonzero().flatten()
+        taken = count(d, flat.numel()) - numbers
+        assert torch.equal(chosen[nan_positions], torch.arange(nan_positions.numel()) < taken)
+    # an infinite weight is in every non-empty set before any finite one
+    infinite = torch.isinf(flat)
+    if count(d, flat.numel()) >= int(infinite.sum()):
+        assert bool(chosen[infinite].all())
+
+
+@settings(max_examples=4, deadline=None)
+@given(
+    values=st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, NAN, 1e-30]), min_size=1, max_size=6),
+    d=densities,
+    m=densities,
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_large_tensors_with_heavy_ties_select_exactly(values: list[float], d: float, m: float, seed: int) -> None:
+    """Above 65,536 entries the threshold is found from a sample; the result must not depend on it."""
+    d, dm = sorted((d, m))
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(values)
+    theta = pool[torch.randint(0, len(values), (66_001,), generator=g)]
+    a, b = forward_backward_sets(theta, d, dm)
+    expected_a, expected_b = reference_sets(theta, d, dm)
+    assert flat_indices(a) == expected_a
+    assert flat_indices(b) == expected_b
+    flip = torch.rand(theta.shape, generator=g) < 0.5
+    a2, b2 = forward_backward_sets(flip_signs(theta, flip), d, dm)
+    assert torch.equal(a2, a)
+    assert torch.equal(b2, b)
+
+
+# --- global selection -----------------------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(parts=st.lists(tensors(), min_size=1, max_size=4), d=densities, m=densities, data=st.data())
+def test_global_sets_are_exact_nested_deterministic_and_sign_blind(
+    parts: list[torch.Tensor], d: float, m: float, data: st.DataObject
+) -> None:
+    d, dm = sorted((d, m))
+    sets = global_forward_backward_sets(parts, d, dm)
+    total = sum(t.numel() for t in parts)
+    assert sum(int(a.sum()) for a, _ in sets) == count(d, total)
+    assert sum(int(b.sum()) for _, b in sets) == count(dm, total)
+    for t, (a, b) in zip(parts, sets, strict=True):
+        assert a.shape == b.shape == t.shape
+        assert not bool((a & ~b).any())
+    # by hand over the concatenation: mixed dtypes compare by value
+    expected_a, expected_b = reference_sets(torch.cat([t.double().flatten() for t in parts]), d, dm)
+    assert flat_indices(torch.cat([a.flatten() for a, _ in sets])) == expected_a
+    assert flat_indices(torch.cat([b.flatten() for _, b in sets])) == expected_b
+    flips = [torch.tensor(data.draw(st.lists(st.booleans(), min_size=t.numel(), max_size=t.numel()))) for t in parts]
+    flipped = global_forward_backward_sets([flip_signs(t, f) for t, f in zip(parts, flips, strict=True)], d, dm)
+    again = global_forward_backward_sets([t.clone() for t in parts], d, dm)
+    for (a, b), (a2, b2), (a3, b3) in zip(sets, again, flipped, strict=True):
+        assert torch.equal(a2, a)
+        assert torch.equal(b2, b)
+        assert torch.equal(a3, a)
+        assert torch.equal(b3, b)
+
+
+# --- distributions: the budget in real counts ---------------------------------------------------------------------
+
+shape_maps = st.lists(st.lists(st.integers(1, 24), min_size=1, max_size=3).map(tuple), min_size=1, max_size=5).map(
+    lambda found: {f"t{i}": s for i, s in enumerate(found)}
+)
+
+
+@PROPERTY
+@given(shapes=shape_maps, d=budgets, m=budgets, distribution=st.sampled_from(DISTRIBUTIONS), seed=st.integers(0, 99))
+def test_engine_keeps_the_budget_up_to_rounding(
+    shapes: dict[str, tuple[int, ...]], d: float, m: float, distribution: str, seed: int
+) -> None:
+    """Kept weights over all tensors: exactly count(D, N) for global, within half a weight per tensor otherwise."""
+    d, dm = sorted((d, m))
+    pairs = forward_backward_densities(distribution, shapes, d, dm)
+    for forward, backward in pairs.values():
+        assert 0.0 <= forward <= backward <= 1.0
+    g = torch.Generator().manual_seed(seed)
+    params = {name: torch.nn.Parameter(torch.randn(shape, generator=g)) for name, shape in shapes.items()}
+    pool = list(shapes) if distribution == "global" else []
+    engine = TopKAST(params, pairs, global_pool=pool)
+    total = sum(math.prod(s) for s in shapes.values())
+    kept_a = sum(int(t.forward_set.sum()) for t in engine.tensors.values())
+    kept_b = sum(int(t.backward_set.sum()) for t in engine.tensors.values())
+    if distribution == "global":
+        assert kept_a == count(d, total)
+        assert kept_b == count(dm, total)
+    else:
+        for name, t in engine.tensors.items():
+            assert int(t.forward_set.sum()) == count(pairs[name][0], t.numel)
+            assert int(t.backward_set.sum()) == count(pairs[name][1], t.numel)
+            assert int(t.forward_set.sum()) <= int(t.backward_set.sum())
+        # each tensor rounds by at most half a weight; the budget itself is met in real numbers
+        slack = 0.5 * len(shapes) + 1e-6 * total
+        assert abs(kept_a - d * total) <= slack
+        assert abs(kept_b - dm * total) <= slack
+    for t in engine.tensors.values():
+        assert torch.equal(t.param.detach(), torch.where(t.forward_set, t.theta, 0))
