@@ -149,8 +149,8 @@ def turnover(old_forward_set: Tensor, new_forward_set: Tensor) -> tuple[int, int
         >>> turnover(torch.tensor([True, True, False]), torch.tensor([True, False, True]))
         (1, 2)
     """
-    left = int((old_forward_set & ~new_forward_set).sum())
-    return left, int(old_forward_set.sum())
+    left = int(torch.count_nonzero(old_forward_set & ~new_forward_set))  # count_nonzero: no int64 copy, unlike sum
+    return left, int(torch.count_nonzero(old_forward_set))
 
 
 def _check_densities(forward_density: float, backward_density: float) -> None:

@@ -163,19 +163,24 @@ class GlobalBatch(L.LightningDataModule):
         return DataLoader(self.dataset, batch_size=EQ_GLOBAL_BATCH // world, sampler=sampler)
 
 
-def fit_global_batch(out: Path, devices: int, prefix: str) -> None:
-    """Top-KAST on the global batch of ``EQ_GLOBAL_BATCH``, split over ``devices`` processes; see ``RefreshLog``."""
-    from conftest import MLP, make_loader, make_trainer  # tests/ is sys.path[0] when this file runs as a script
-
-    # rank 1 starts from other weights: DDP's broadcast at setup must make them rank 0's, i.e. the single run's
-    L.seed_everything(int(os.environ.get("LOCAL_RANK", "0")), verbose=False)
-    topkast = TopKASTCallback(
+def refresh_every_step() -> TopKASTCallback:
+    """The callback both DDP scripts train with: a refresh at every step, so every step can disagree."""
+    return TopKASTCallback(
         forward_sparsity=FORWARD_SPARSITY,
         backward_sparsity=BACKWARD_SPARSITY,
         update_interval=1,
         exploration_penalty=1e-3,
         verbose=False,
     )
+
+
+def fit_global_batch(out: Path, devices: int, prefix: str) -> None:
+    """Top-KAST on the global batch of ``EQ_GLOBAL_BATCH``, split over ``devices`` processes; see ``RefreshLog``."""
+    from conftest import MLP, make_loader, make_trainer  # tests/ is sys.path[0] when this file runs as a script
+
+    # rank 1 starts from other weights: DDP's broadcast at setup must make them rank 0's, i.e. the single run's
+    L.seed_everything(int(os.environ.get("LOCAL_RANK", "0")), verbose=False)
+    topkast = refresh_every_step()
     ddp: dict[str, Any] = {"strategy": "ddp"} if devices > 1 else {}
     trainer = make_trainer(
         out,
@@ -198,13 +203,7 @@ def main(out: Path, mode: str) -> None:
     # Different initial weights on each rank: identical masks must come from the weights DDP broadcasts at setup
     # and the all-reduced gradients, not from identical seeds.
     L.seed_everything(int(os.environ.get("LOCAL_RANK", "0")), verbose=False)
-    topkast = TopKASTCallback(
-        forward_sparsity=FORWARD_SPARSITY,
-        backward_sparsity=BACKWARD_SPARSITY,
-        update_interval=1,
-        exploration_penalty=1e-3,
-        verbose=False,
-    )
+    topkast = refresh_every_step()
     trainer = make_trainer(
         out,
         [topkast, MaskRecorder(topkast, out)],
