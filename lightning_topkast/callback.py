@@ -35,7 +35,8 @@ class TopKASTCallback(Callback):
     Args:
         forward_sparsity: fraction of each masked tensor that is zero in the forward pass (D = 1 - it), in [0, 1).
         backward_sparsity: fraction that receives no gradient, in [0, forward_sparsity]; equal means B = A.
-        update_interval: optimizer steps between refreshes of A and B; 1 is the method as written.
+        update_interval: optimizer steps between refreshes of A and B; 1 is the method as written. Longer
+            intervals let B \ A drift with no say in the loss, then enter A all at once (see docs/results.md).
         exploration_penalty: λ of the penalty λ/2·Σ c·θ² (c = 1 on A, 1/D on B \ A); 0 turns it off.
         decoupled_penalty: apply the penalty to the weights after each update, scaled by the learning rate and
             outside momentum (as SparseML does), instead of through the gradient.
@@ -62,7 +63,7 @@ class TopKASTCallback(Callback):
         self,
         forward_sparsity: float = 0.8,
         backward_sparsity: float = 0.5,
-        update_interval: int = 100,
+        update_interval: int = 1,
         exploration_penalty: float = 1e-4,
         decoupled_penalty: bool = False,
         distribution: Distribution = "uniform",

@@ -22,9 +22,10 @@ def penalty_weights(
     """
     if not 0.0 < forward_density <= 1.0:
         raise ValueError(f"forward_density must be in (0, 1], got {forward_density}")
-    # built in the target dtype, so 1/D is exact to that precision (float64 θ gets a float64 1/D)
-    weights = torch.zeros(backward_set.shape, dtype=dtype, device=backward_set.device)
-    return weights.masked_fill_(backward_set, 1.0 / forward_density).masked_fill_(forward_set, 1.0)
+    # built in the target dtype, so 1/D is exact to that precision (float64 θ gets a float64 1/D); A and B \ A are
+    # disjoint, so 1·1/D + 0 and 0·1/D + 1 are exact, and arithmetic on 0/1 tensors beats a bool masked_fill on CPU
+    exploring = (backward_set ^ forward_set).to(dtype).mul_(1.0 / forward_density)
+    return exploring.add_(forward_set.to(dtype))
 
 
 def penalty(

@@ -139,7 +139,7 @@ class TopKAST:
         params: Mapping[str, nn.Parameter],
         densities: Mapping[str, tuple[float, float]],
         *,
-        update_interval: int = 100,
+        update_interval: int = 1,
         penalty: float = 1e-4,
         decoupled_penalty: bool = False,
         global_pool: Collection[str] = (),
@@ -169,6 +169,7 @@ class TopKAST:
         self._handles: list[RemovableHandle] = []
         self._pending: set[str] = set()
         self._unchecked: set[int] = set()
+        self._depth: list[int] = []  # step() calls in progress per optimizer: a subclass's step may call super's
         self._select(list(self.tensors.values()))
         for tensor in self.tensors.values():
             tensor.write_forward_weights()
@@ -186,8 +187,12 @@ class TopKAST:
                 self._groups[owner[id(tensor.param)]].append(tensor)
         self.steps += [0] * (len(optimizers) - len(self.steps))
         self._unchecked = set(range(len(optimizers)))
+        self._depth = [0] * len(optimizers)
         for i, opt in enumerate(optimizers):
-            self._handles.append(opt.register_step_post_hook(lambda opt, args, kwargs, i=i: self._after_step(i)))
+            # torch runs the hooks around every patched step() level, so a subclass whose step() calls super's
+            # fires them twice: the update is done when the outermost call returns
+            self._handles.append(opt.register_step_pre_hook(lambda opt, args, kwargs, i=i: self._enter_step(i)))
+            self._handles.append(opt.register_step_post_hook(lambda opt, args, kwargs, i=i: self._leave_step(i)))
 
     @property
     def attached(self) -> bool:
@@ -212,7 +217,8 @@ class TopKAST:
     @torch.no_grad()
     def before_step(self, optimizer: Optimizer) -> None:
         """Prepare the tensors ``optimizer`` owns for its update (after backward, before clipping and the step)."""
-        group = self._groups[self._index(optimizer)]
+        index = self._index(optimizer)
+        group = self._groups[index]
         self._restore(group)
         for tensor in group:
             grad = tensor.param.grad
@@ -233,6 +239,14 @@ class TopKAST:
                 # θ is not finite (a weight a bf16 step made NaN stays NaN outside B until a refresh)
                 grad.addcmul_(tensor.penalty_coefficient, tensor.param)
             self._pending.add(tensor.name)
+
+    def _enter_step(self, index: int) -> None:
+        self._depth[index] += 1
+
+    def _leave_step(self, index: int) -> None:
+        self._depth[index] -= 1
+        if self._depth[index] == 0:
+            self._after_step(index)
 
     @torch.no_grad()
     def _after_step(self, index: int) -> None:
@@ -275,6 +289,8 @@ class TopKAST:
                     continue
                 if keep[tensor.name] is tensor.backward_set:
                     tensor.keep(value, on_forward_set=False, out=value)
+                elif tensor.scales is not None and _finite(value):
+                    value.mul_(keep[tensor.name].to(value.dtype))  # exact for finite values, and a bool where is slow
                 else:
                     torch.where(keep[tensor.name], value, _zero(value), out=value)
 
@@ -288,6 +304,7 @@ class TopKAST:
         A GradScaler skips steps with non-finite gradients, and a module may skip a step itself: the parameter
         then still holds θ on B \ A and must hold α before the next forward.
         """
+        self._depth = [0] * len(self._depth)  # no step runs now: forget one that raised midway
         return self._restore(self.tensors.values())
 
     def pending_forward_weights(self) -> dict[str, Tensor]:

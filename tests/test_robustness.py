@@ -95,6 +95,32 @@ def _assert_reproduces(
     assert _engine(callback).refreshes == STEPS // 3  # every 3 steps; the selection at fit start is not one
 
 
+# --- optimizer subclasses --------------------------------------------------------------------------------------
+
+
+class SubclassedSGD(torch.optim.SGD):
+    """The common pattern of an optimizer subclass: torch then runs step hooks at both levels of ``step()``."""
+
+    def step(self, closure: Any = None) -> Any:
+        return super().step(closure)
+
+
+class SubclassedSGDModel(MLP):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return SubclassedSGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-2)
+
+
+def test_an_optimizer_subclass_calling_super_step_is_one_update(
+    tmp_path: Path, reference: tuple[dict[str, Tensor], dict[str, Tensor]]
+) -> None:
+    torch.optim.SGD(MLP().parameters())  # the reference already built one: SGD.step is hooked as well
+    L.seed_everything(0, verbose=False)
+    callback = _callback()
+    model = SubclassedSGDModel()
+    _fit(tmp_path, model, callback)
+    _assert_reproduces(reference, model, callback)
+
+
 # --- deepcopy ---------------------------------------------------------------------------------------------------
 
 
