@@ -45,11 +45,11 @@ def magnitude_order(theta: Tensor) -> Tensor:
     return torch.argsort(magnitude_scores(theta), descending=True, stable=True)
 
 
-def top_mask(scores: Tensor, k: int) -> Tensor:
+def top_mask(scores: Tensor, k: int, sample: Tensor | None = None) -> Tensor:
     """Flat bool mask of the ``k`` largest ``scores``, ties taken by increasing index: exactly ``k`` entries.
 
     Equal to the first ``k`` of a stable descending sort, found without one: a threshold select
-    (:func:`kth_largest`) and a compare.
+    (:func:`kth_largest`, given ``sample`` when one was drawn already) and a compare.
 
     Examples:
         >>> top_mask(torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0]), 3).tolist()
@@ -58,15 +58,26 @@ def top_mask(scores: Tensor, k: int) -> Tensor:
     n = scores.numel()
     if k <= 0 or k >= n:
         return torch.full((n,), k > 0, dtype=torch.bool, device=scores.device)
-    threshold = kth_largest(scores, k)
-    mask = scores > threshold
-    missing = k - int(torch.count_nonzero(mask))
-    if missing:
-        mask[torch.nonzero(scores == threshold).flatten()[:missing]] = True
+    threshold = kth_largest(scores, k, sample)
+    mask = scores >= threshold
+    extra = int(torch.count_nonzero(mask)) - k
+    if extra:  # ties at the threshold: keep the first by index, as a stable sort would
+        mask[torch.nonzero(scores == threshold).flatten()[-extra:]] = False
     return mask
 
 
-def kth_largest(scores: Tensor, k: int) -> Tensor:
+def sorted_sample(scores: Tensor) -> Tensor | None:
+    """The strided sample of ``scores`` that :func:`kth_largest` brackets with, sorted descending; None if too small.
+
+    Draw it once to select several k from the same scores.
+    """
+    n = scores.numel()
+    if n <= _BAND_SELECT_ABOVE:
+        return None
+    return torch.sort(scores[:: n // _SAMPLE_SIZE], descending=True).values
+
+
+def kth_largest(scores: Tensor, k: int, sample: Tensor | None = None) -> Tensor:
     """The ``k``-th largest of flat, NaN-free ``scores`` (``1 <= k <= numel``), exactly.
 
     A full selection over millions of entries costs ~10 ms per million on CPU. Instead, a strided sample brackets
@@ -79,23 +90,23 @@ def kth_largest(scores: Tensor, k: int) -> Tensor:
         (3.0, 99993.0)
     """
     n = scores.numel()
-    if n <= _BAND_SELECT_ABOVE:
+    sample = sorted_sample(scores) if sample is None else sample
+    if sample is None:
         return torch.kthvalue(scores, n - k + 1).values
-    sample = torch.sort(scores[:: n // _SAMPLE_SIZE], descending=True).values
     m = sample.numel()
     # the answer's rank in the sample has a standard deviation below sqrt(m)/2: a margin of 4 of them
     margin = 2 * math.isqrt(m) + 2
     position = k * m / n
     upper, lower = math.floor(position) - margin, math.ceil(position) + margin
-    in_band = torch.ones_like(scores, dtype=torch.bool)
-    above = 0
+    above, in_band = 0, None
     if upper >= 0:
-        above_band = scores > sample[upper]
-        above = int(torch.count_nonzero(above_band))
-        in_band &= ~above_band
+        top = sample[upper]
+        above = int(torch.count_nonzero(scores > top))
+        in_band = scores <= top
     if lower < m:
-        in_band &= scores >= sample[lower]
-    band = scores[in_band]
+        bottom = scores >= sample[lower]
+        in_band = bottom if in_band is None else in_band.logical_and_(bottom)
+    band = scores if in_band is None else scores[in_band]
     rank = k - above  # the answer is the rank-th largest of the entries at or below the bracket's top
     if 1 <= rank <= band.numel():
         return torch.kthvalue(band, band.numel() - rank + 1).values
@@ -114,9 +125,10 @@ def forward_backward_sets(theta: Tensor, forward_density: float, backward_densit
     """
     _check_densities(forward_density, backward_density)
     scores, n = magnitude_scores(theta), theta.numel()
+    sample = sorted_sample(scores)
     # both sets are prefixes of one total order, so A ⊆ B
-    forward_set = top_mask(scores, count(forward_density, n)).view(theta.shape)
-    backward_set = top_mask(scores, count(backward_density, n)).view(theta.shape)
+    forward_set = top_mask(scores, count(forward_density, n), sample).view(theta.shape)
+    backward_set = top_mask(scores, count(backward_density, n), sample).view(theta.shape)
     return forward_set, backward_set
 
 
@@ -133,8 +145,9 @@ def global_forward_backward_sets(
     _check_densities(forward_density, backward_density)
     scores = magnitude_scores(torch.cat([t.detach().flatten() for t in thetas]))
     n = scores.numel()
-    forward_flat = top_mask(scores, count(forward_density, n))
-    backward_flat = top_mask(scores, count(backward_density, n))
+    sample = sorted_sample(scores)
+    forward_flat = top_mask(scores, count(forward_density, n), sample)
+    backward_flat = top_mask(scores, count(backward_density, n), sample)
     sizes = [t.numel() for t in thetas]
     return [
         (a.view(t.shape), b.view(t.shape))
