@@ -16,6 +16,8 @@ def penalty_weights(
 ) -> Tensor:
     r"""Per-entry weight c: 1 on A, 1/D on B \ A, 0 outside B.
 
+    ``forward_set`` and ``backward_set`` are bool masks, or 0/1 float masks (in ``dtype``, they save two conversions).
+
     Examples:
         >>> penalty_weights(torch.tensor([True, False, False]), torch.tensor([True, True, False]), 0.25).tolist()
         [1.0, 4.0, 0.0]
@@ -24,8 +26,12 @@ def penalty_weights(
         raise ValueError(f"forward_density must be in (0, 1], got {forward_density}")
     # built in the target dtype, so 1/D is exact to that precision (float64 θ gets a float64 1/D); A and B \ A are
     # disjoint, so 1·1/D + 0 and 0·1/D + 1 are exact, and arithmetic on 0/1 tensors beats a bool masked_fill on CPU
-    exploring = (backward_set ^ forward_set).to(dtype).mul_(1.0 / forward_density)
-    return exploring.add_(forward_set.to(dtype))
+    if forward_set.dtype == torch.bool:
+        exploring = (backward_set ^ forward_set).to(dtype)
+    else:
+        exploring = (backward_set - forward_set).to(dtype)  # A ⊆ B: B - A is B \ A, exactly
+    forward = forward_set.to(dtype)  # no copy when already in dtype
+    return exploring.mul_(1.0 / forward_density).add_(forward)
 
 
 def penalty(

@@ -24,7 +24,7 @@ def count(density: float, numel: int) -> int:
 
 
 # Above this many entries the k-th largest score is found in a band around a sampled estimate of it.
-_BAND_SELECT_ABOVE = 1 << 16
+_BAND_SELECT_ABOVE = 1 << 15
 _SAMPLE_SIZE = 4096
 
 

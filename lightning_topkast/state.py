@@ -84,14 +84,16 @@ class MaskedTensor:
         self.forward_set, self.backward_set = forward_set, backward_set
         self.ever_active |= forward_set
         self.penalty_coefficient = None
+        masks = (forward_set, backward_set)
+        if self.float_masks:
+            forward, backward = forward_set.to(self.theta.dtype), backward_set.to(self.theta.dtype)
+            self.scales = (forward, backward, torch.rsub(backward, 1))
+            masks = (forward, backward)
         if penalty:
             # λ/D fits in half precision where 1/D may not (D = 1e-5 overflows float16): multiply, then narrow
             wide = torch.promote_types(self.theta.dtype, torch.float32)
-            weights = penalty_weights(forward_set, backward_set, self.forward_density, wide)
+            weights = penalty_weights(*masks, self.forward_density, wide)
             self.penalty_coefficient = weights.mul_(penalty).to(self.theta.dtype)
-        if self.float_masks:
-            dtype = self.theta.dtype
-            self.scales = (forward_set.to(dtype), backward_set.to(dtype), (~backward_set).to(dtype))
         return moved
 
     @torch.no_grad()
@@ -266,8 +268,11 @@ class TopKAST:
             self._pending.discard(tensor.name)
         self.steps[index] += 1
         keep = {t.name: t.backward_set for t in group}
+        others: list[MaskedTensor] = []  # refreshed with the group, through a shared global pool
         if bool(group) and self.steps[index] % self.update_interval == 0:
-            self.refresh(group)
+            moved = self._refresh(group)
+            names = {t.name for t in group} | self._pending
+            others = [self.tensors[name] for name in moved.keys() - names]
             # state survives only where an entry stayed in B: one entering B starts fresh even if a hook after
             # the callback (gradient noise, say) wrote outside B and built state there
             keep = {t.name: keep[t.name] & t.backward_set for t in group}
@@ -276,7 +281,7 @@ class TopKAST:
         # the first step after attach too: the optimizer may arrive with state restored from a dense run
         self._unchecked.discard(index)
         self._zero_state_outside(self._optimizers[index], group, keep)
-        for tensor in group:
+        for tensor in [*group, *others]:
             tensor.write_forward_weights(finite.get(tensor.name))
 
     def _zero_state_outside(self, optimizer: Optimizer, group: Sequence[MaskedTensor], keep: dict[str, Tensor]) -> None:
@@ -329,12 +334,17 @@ class TopKAST:
     @torch.no_grad()
     def refresh(self, tensors: Sequence[MaskedTensor]) -> None:
         """Re-select A and B of ``tensors`` from |θ| over all entries (the whole global pool if any is in it)."""
-        moved = self._select(tensors)
+        moved = self._refresh(tensors)
         for name in moved.keys() - self._pending:  # a pending tensor gets α when its own step finishes
             self.tensors[name].write_forward_weights()
+
+    def _refresh(self, tensors: Sequence[MaskedTensor]) -> dict[str, tuple[int, int]]:
+        # the sets only: the caller writes α once, after whatever else the step changes
+        moved = self._select(tensors)
         self.refreshes += 1
         for listener in self.refresh_listeners:
             listener(moved)
+        return moved
 
     def _select(self, tensors: Sequence[MaskedTensor]) -> dict[str, tuple[int, int]]:
         moved: dict[str, tuple[int, int]] = {}

@@ -30,6 +30,15 @@ def test_penalty_weights_without_exploration_set() -> None:
     assert torch.equal(penalty_weights(everything, everything, 1.0), torch.ones(3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_penalty_weights_from_float_masks_equal_those_from_bool_masks(dtype: torch.dtype) -> None:
+    a, b = forward_backward_sets(torch.randn(37, 11, generator=torch.Generator().manual_seed(3)), 0.3, 0.7)
+    expected = penalty_weights(a, b, 0.3, dtype)
+    assert torch.equal(penalty_weights(a.to(dtype), b.to(dtype), 0.3, dtype), expected)
+    assert torch.equal(penalty_weights(a.half(), b.half(), 0.3, dtype), expected)  # masks narrower than dtype
+    assert sorted(expected.unique().tolist()) == [0.0, 1.0, torch.tensor(1 / 0.3, dtype=dtype).item()]
+
+
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
 def test_penalty_weights_reject_bad_density(density: float) -> None:
     with pytest.raises(ValueError, match=rf"forward_density must be in \(0, 1\], got {density}"):
