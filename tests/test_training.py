@@ -174,7 +174,7 @@ def _assert_sets_equal(a: Snapshot, b: Snapshot) -> None:
 # --- 1. the invariants after every optimizer step ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "adamw-fused"])
 @pytest.mark.parametrize("update_interval", [1, 3])
 def test_every_step_holds_forward_weights_and_exact_sets(tmp_path: Path, update_interval: int, optimizer: str) -> None:
     callback = TopKASTCallback(update_interval=update_interval, verbose=False)
@@ -216,7 +216,8 @@ def test_every_step_holds_forward_weights_and_exact_sets(tmp_path: Path, update_
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "state_keys"), [("sgd", ["momentum_buffer"]), ("adamw", ["exp_avg", "exp_avg_sq"])]
+    ("optimizer", "state_keys"),
+    [("sgd", ["momentum_buffer"]), ("adamw", ["exp_avg", "exp_avg_sq"]), ("adamw-fused", ["exp_avg", "exp_avg_sq"])],
 )
 def test_nothing_outside_backward_set_moves(tmp_path: Path, optimizer: str, state_keys: list[str]) -> None:
     callback = TopKASTCallback(update_interval=3, verbose=False)
