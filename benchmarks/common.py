@@ -187,6 +187,7 @@ class CharLM(L.LightningModule):
         n_layers: int = 2,
         n_heads: int = 4,
         context: int = 64,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -202,7 +203,9 @@ class CharLM(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=hp.lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay, fused=hp.fused
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -11,9 +11,10 @@ mask multiply of ``torch.nn.utils.prune``); rigl-torch (``delta`` 100).
 
 Each run trains ``--warmup`` steps (one epoch; ModelPruning prunes at its end), then times the next ``--steps``
 optimizer steps from batch start to batch start, so everything between (refreshes, RigL updates, epoch ends)
-counts; the default 100 steps hold one Top-KAST refresh at interval 100 and one RigL update. Runs are interleaved
-(every method once per repeat, in a rotating order) so machine noise hits all alike; the table shows the median
-over repeats of each run's time per step, and its ratio to dense.
+counts; the default 100 steps hold one Top-KAST refresh at interval 100 and one RigL update. Every run is a fresh
+process, so no run inherits another's allocator or thread-pool state. Runs are interleaved (every method once per
+repeat, in a rotating order) so slow drifts of a shared machine hit all alike; the ratio to dense is taken within
+each repeat and the table shows the median over repeats, with the smallest and largest.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ METHODS: dict[str, dict[str, Any]] = {
 VOCAB = 80  # the size of the King James Bible's character set
 
 
-def make_model(model: str, total_steps: int) -> L.LightningModule:
+def make_model(model: str, total_steps: int, fused: bool = False) -> L.LightningModule:
     if model == "cnn":
         return common.ImageClassifier(total_steps, channels=(32, 64), hidden=1024)
-    return common.CharLM(VOCAB, total_steps, d_model=256, n_layers=4, n_heads=8, context=64)
+    return common.CharLM(VOCAB, total_steps, d_model=256, n_layers=4, n_heads=8, context=64, fused=fused)
 
 
 def make_batches(model: str, batches: int) -> DataLoader:
@@ -79,7 +80,7 @@ class StepClock(L.Callback):
             trainer.should_stop = True
 
 
-def run(model_name: str, method: str, warmup: int, steps: int) -> float:
+def run(model_name: str, method: str, warmup: int, steps: int, fused: bool = False) -> float:
     """One training run; returns seconds per optimizer step over the timed window."""
     L.seed_everything(0, verbose=False)
     total = warmup + steps + 1
@@ -98,24 +99,40 @@ def run(model_name: str, method: str, warmup: int, steps: int) -> float:
         enable_model_summary=False,
         callbacks=[*callbacks, clock],
     )
-    trainer.fit(make_model(model_name, 10 * total), make_batches(model_name, warmup))
+    trainer.fit(make_model(model_name, 10 * total, fused), make_batches(model_name, warmup))
     return clock.seconds_per_step
 
 
-def timing(models: list[str], repeats: int, warmup: int, steps: int) -> dict[str, dict[str, float]]:
+def run_in_process(model: str, method: str, warmup: int, steps: int, fused: bool = False) -> tuple[float, float]:
+    """One run in a fresh Python process: (seconds per step, peak resident memory in MiB)."""
+    cmd = [sys.executable, __file__, "--one", model, method, "--warmup", str(warmup), "--steps", str(steps)]
+    cmd += ["--fused"] if fused else []
+    seconds, peak = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-2:]
+    return float(seconds), float(peak)
+
+
+def timing(
+    models: list[str], repeats: int, warmup: int, steps: int, fused: bool = False
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds per step of every run, per model and method, in repeat order."""
     names = list(METHODS)
     times: dict[str, dict[str, list[float]]] = {m: {n: [] for n in names} for m in models}
     for repeat in range(repeats):
         order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for model in models:
             for method in order:
-                times[model][method].append(run(model, method, warmup, steps))
+                times[model][method].append(run_in_process(model, method, warmup, steps, fused)[0])
                 print(
                     f"  repeat {repeat + 1}/{repeats} {model:4s} {method:24s} {times[model][method][-1] * 1e3:7.1f} ms",
                     file=sys.stderr,
                     flush=True,
                 )
-    return {m: {n: statistics.median(v) for n, v in by_method.items()} for m, by_method in times.items()}
+    return times
+
+
+def paired_ratios(by_method: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each run's time over the dense run's of the same repeat."""
+    return {name: [t / d for t, d in zip(v, by_method["dense"], strict=True)] for name, v in by_method.items()}
 
 
 def peak_memory(models: list[str], warmup: int, steps: int) -> None:
@@ -124,9 +141,7 @@ def peak_memory(models: list[str], warmup: int, steps: int) -> None:
     for model in models:
         peaks = {}
         for method in METHODS:
-            cmd = [sys.executable, __file__, "--one", model, method, "--warmup", str(warmup), "--steps", str(steps)]
-            output = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            peaks[method] = float(output.split()[-1])
+            peaks[method] = run_in_process(model, method, warmup, steps)[1]
             print(f"| {model} | {method} | {peaks[method]:.0f} | {peaks[method] / peaks['dense']:.2f} |", flush=True)
 
 
@@ -138,12 +153,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of the ratios here")
     parser.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
+    parser.add_argument(
+        "--fused", action="store_true", help="the LM's AdamW with fused=True (CPU: fast sqrt of zero state)"
+    )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.one:
-        run(*args.one, args.warmup, args.steps)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+        seconds = run(*args.one, args.warmup, args.steps, args.fused)
+        print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
         return
     if args.memory:
         peak_memory(args.models, args.warmup, min(args.steps, 10))
@@ -151,19 +169,25 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16-mixed, sparsity {SPARSITY:.0%}; "
-        f"median of {args.repeats} runs of {args.steps} steps"
+        f"median of {args.repeats} runs of {args.steps} steps, each in a fresh process"
+        + ("; the LM's AdamW fused" if args.fused else "")
     )
-    medians = timing(args.models, args.repeats, args.warmup, args.steps)
-    print("| model | method | ms per step | ratio to dense |")
-    print("|---|---|---|---|")
-    for model, by_method in medians.items():
+    times = timing(args.models, args.repeats, args.warmup, args.steps, args.fused)
+    ratios = {model: paired_ratios(by_method) for model, by_method in times.items()}
+    print("| model | method | ms per step | ratio to dense | smallest–largest ratio |")
+    print("|---|---|---|---|---|")
+    for model, by_method in times.items():
         for method, seconds in by_method.items():
-            print(f"| {model} | {method} | {seconds * 1e3:.1f} | {seconds / by_method['dense']:.3f} |")
+            r = ratios[model][method]
+            print(
+                f"| {model} | {method} | {statistics.median(seconds) * 1e3:.1f} | {statistics.median(r):.3f} "
+                f"| {min(r):.3f}–{max(r):.3f} |"
+            )
     if args.plot:
-        plot(medians, args.plot)
+        plot(ratios, args.plot)
 
 
-def plot(medians: dict[str, dict[str, float]], path: Path) -> None:
+def plot(ratios: dict[str, dict[str, list[float]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,13 +195,18 @@ def plot(medians: dict[str, dict[str, float]], path: Path) -> None:
 
     methods = [m for m in METHODS if m != "dense"]
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    width = 0.8 / len(medians)
-    for i, (model, by_method) in enumerate(medians.items()):
-        ratios = [by_method[m] / by_method["dense"] for m in methods]
-        ax.bar([j + i * width for j in range(len(methods))], ratios, width=width, label=model)
+    width = 0.8 / len(ratios)
+    for i, (model, by_method) in enumerate(ratios.items()):
+        medians = [statistics.median(by_method[m]) for m in methods]
+        spread = [
+            [med - min(by_method[m]) for med, m in zip(medians, methods, strict=True)],
+            [max(by_method[m]) - med for med, m in zip(medians, methods, strict=True)],
+        ]
+        x = [j + i * width for j in range(len(methods))]
+        ax.bar(x, medians, width=width, yerr=spread, capsize=3, label=model)
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_xticks([j + width * (len(medians) - 1) / 2 for j in range(len(methods))], methods, fontsize=8)
-    ax.set(ylabel="step time / dense", title="Training step time relative to dense (CPU, bf16)")
+    ax.set_xticks([j + width * (len(ratios) - 1) / 2 for j in range(len(methods))], methods, fontsize=8)
+    ax.set(ylabel="step time / dense", title="Step time relative to dense (CPU, bf16; bars: median, whiskers: range)")
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

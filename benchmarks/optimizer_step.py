@@ -1,0 +1,149 @@
+"""The callback's own cost per step, apart from the forward and backward passes, and why AdamW makes it larger.
+
+    python benchmarks/optimizer_step.py --plot benchmarks/results/optimizer_step.png
+
+Part 1 times only what Top-KAST adds around the update, on the Transformer LM of ``overhead.py``: from after
+``backward()`` to the end of ``optimizer.step()`` (``TopKAST.before_step``, the update, the step post-hook; a
+refresh every step at interval 1), against the same optimizer step without Top-KAST, for AdamW unfused (torch's
+CPU default) and ``fused=True``. Every configuration trains its own copy of the model; the steps are interleaved
+and the table gives the median.
+
+Part 2 is the cause of the unfused AdamW's extra time: torch's ``sqrt`` on CPU is several times slower on zeros
+than on positive numbers, and Top-KAST keeps AdamW's second moment at exactly 0 outside the backward set B (so
+that nothing outside B moves). It times ``sqrt`` and a whole AdamW step over 12 tensors of 262,144 weights with
+none or half of the gradients zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+from overhead import VOCAB
+
+from lightning_topkast import TopKAST
+from lightning_topkast.targets import select
+
+TENSOR = 262_144
+
+
+def callback_cost(steps: int, warmup: int) -> dict[str, float]:
+    """Median milliseconds from after backward() to the end of the step, per configuration."""
+    torch.manual_seed(0)
+    base = common.CharLM(VOCAB, 1000, d_model=256, n_layers=4, n_heads=8, context=64).model
+    masked = select(base, dense_first_layer=True).masked
+    ids = torch.randint(0, VOCAB, (16, 65))
+    runs = {}
+    for fused in (False, True):
+        for interval in (None, 100, 1):
+            model = copy.deepcopy(base)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), fused=fused)
+            engine = None
+            if interval is not None:
+                params = dict(model.named_parameters())
+                densities = dict.fromkeys(masked, (0.2, 0.5))
+                engine = TopKAST({n: params[n] for n in masked}, densities, update_interval=interval)
+                engine.attach([optimizer])
+            name = ("dense" if interval is None else f"Top-KAST, interval {interval}") + (", fused" if fused else "")
+            runs[name] = (model, optimizer, engine)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for step in range(warmup + steps):
+        for name, (model, optimizer, engine) in runs.items():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(ids[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+            start = time.perf_counter()
+            if engine is not None:
+                engine.before_step(optimizer)
+            optimizer.step()
+            if step >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+            optimizer.zero_grad()
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 30) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def adamw_step_ms(implementation: str, zero_fraction: float) -> float:
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(TENSOR, generator=g)) for _ in range(12)]
+    for p in params:  # AdamW leaves the gradient as it is, so one draw serves every step
+        p.grad = torch.randn(TENSOR, generator=g) * (torch.rand(TENSOR, generator=g) >= zero_fraction)
+    flags = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[implementation]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, **flags)
+    for _ in range(3):
+        optimizer.step()
+    return median_ms(optimizer.step, repeats=25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of part 1 here")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    cost = callback_cost(args.steps, args.warmup)
+    print(f"\n`before_step` + `optimizer.step` + post-hook, LM with 3.2M masked weights, median of {args.steps} steps")
+    print("| configuration | ms | over the same dense step (ms) |")
+    print("|---|---|---|")
+    for name, ms in cost.items():
+        dense = cost["dense, fused" if name.endswith("fused") else "dense"]
+        print(f"| {name} | {ms:.1f} | {ms - dense:+.1f} |")
+
+    positive = torch.rand(TENSOR) + 0.5
+    half_zero = positive * (torch.rand(TENSOR, generator=torch.Generator().manual_seed(1)) < 0.5)
+    print(f"\n`sqrt` of {TENSOR:,} floats, median of 30, ms")
+    print("| input | ms |")
+    print("|---|---|")
+    for name, x in [("positive", positive), ("half zeros", half_zero), ("all zeros", torch.zeros(TENSOR))]:
+        print(f"| {name} | {median_ms(lambda x=x: x.sqrt()):.3f} |")
+
+    print(f"\nAdamW step over 12 tensors of {TENSOR:,} weights, median of 25, ms")
+    print("| implementation | no zero gradients | half the gradients zero |")
+    print("|---|---|---|")
+    for implementation in ("for-loop", "foreach", "fused"):
+        none, half = adamw_step_ms(implementation, 0.0), adamw_step_ms(implementation, 0.5)
+        print(f"| {implementation} | {none:.2f} | {half:.2f} |")
+
+    if args.plot:
+        plot(cost, args.plot)
+
+
+def plot(cost: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.0))
+    names = list(cost)
+    ax.barh(names, [cost[n] for n in names], color=["gray" if n.startswith("dense") else "C0" for n in names])
+    ax.invert_yaxis()
+    ax.set(xlabel="ms per step (after backward, to the end of the update)", title="Top-KAST's own cost per step, LM")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
