@@ -267,13 +267,8 @@ def tables(task: str, results: list[dict[str, Any]]) -> str:
 
 def plot(task: str, results: list[dict[str, Any]], path: Path) -> None:
     """Metric against forward sparsity per method, error bars one std over seeds; dense as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     stats = summarise(results)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig, ax = common.new_figure(6.4, 4.2)
     mean, std, _ = stats[("dense", 0.0, "")]
     ax.axhline(mean, color="black", lw=1, label="dense")
     ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
@@ -290,9 +285,7 @@ def plot(task: str, results: list[dict[str, Any]], path: Path) -> None:
     ax.set_title(f"{title}: {TASKS[task].steps} steps, mean ± std over {len({r['seed'] for r in results})} seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 # --- driver --------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import math
 import sys
 import types
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -438,3 +439,24 @@ def masked_density(pl_module: nn.Module) -> float:
     params = dict(pl_module.named_parameters())
     nonzero = sum(int(params[n].count_nonzero()) for n in names)
     return nonzero / sum(params[n].numel() for n in names)
+
+
+def new_figure(width: float, height: float) -> tuple[Any, Any]:
+    """A matplotlib figure and axes on the file-only backend (the scripts run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height), dpi=110)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write ``fig`` as a PNG at ``path`` (folders made as needed), close it and say where it went."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"plot: {path}")

@@ -129,20 +129,12 @@ def main() -> None:
 
 
 def plot(cost: dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.0))
+    fig, ax = common.new_figure(6.5, 3.0)
     names = list(cost)
     ax.barh(names, [cost[n] for n in names], color=["gray" if n.startswith("dense") else "C0" for n in names])
     ax.invert_yaxis()
     ax.set(xlabel="ms per step (after backward, to the end of the update)", title="Top-KAST's own cost per step, LM")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

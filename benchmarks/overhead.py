@@ -188,13 +188,8 @@ def main() -> None:
 
 
 def plot(ratios: dict[str, dict[str, list[float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     methods = [m for m in METHODS if m != "dense"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    fig, ax = common.new_figure(6.5, 3.2)
     width = 0.8 / len(ratios)
     for i, (model, by_method) in enumerate(ratios.items()):
         medians = [statistics.median(by_method[m]) for m in methods]
@@ -208,10 +203,7 @@ def plot(ratios: dict[str, dict[str, list[float]]], path: Path) -> None:
     ax.set_xticks([j + width * (len(ratios) - 1) / 2 for j in range(len(methods))], methods, fontsize=8)
     ax.set(ylabel="step time / dense", title="Step time relative to dense (CPU, bf16; bars: median, whiskers: range)")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 
 from lightning_topkast import TopKAST, selection
 from lightning_topkast.reporting import memory_overhead_bytes
@@ -97,22 +101,14 @@ def main() -> None:
             f"{r['torch.topk']:.1f} | {r['refresh'] / millions:.2f} | {r['bytes per weight']:.0f} |"
         )
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        fig, ax = common.new_figure(5.5, 3.2)
         for name in ("refresh", "band select", "full kthvalue", "torch.topk"):
             ax.plot(args.sizes, [rows[m][name] for m in args.sizes], marker="o", label=name)
         ax.set(xscale="log", yscale="log", xlabel="weights in the tensor (millions)", ylabel="ms, median")
         ax.set_xticks(args.sizes, [str(m) for m in args.sizes])
         ax.set_title("One mask refresh (sparsity 80/50, fp32, CPU)")
         ax.legend()
-        fig.tight_layout()
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=110)
-        print(f"plot: {args.plot}")
+        common.save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":
