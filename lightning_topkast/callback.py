@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchmetrics.aggregation import MeanMetric
@@ -116,6 +117,9 @@ class TopKASTCallback(Callback):
             self._layer_flops, self._flops_counted = {}, False
         self._restore_loaded_state()
         self.engine.attach(trainer.optimizers)
+        masked = [t.param for t in self.engine.tensors.values()]
+        for hint in validation.slow_optimizers(trainer.optimizers, masked):
+            rank_zero_warn(hint, category=PossibleUserWarning)
         if self.verbose:
             rank_zero_info(self.summary_table())
 

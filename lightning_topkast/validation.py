@@ -6,6 +6,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
@@ -17,6 +19,27 @@ def check_strategy(strategy: object) -> None:
             f"TopKASTCallback does not support Trainer(strategy={name}): it shards parameters, and a top-k per shard "
             "is a different algorithm from Top-KAST's per-tensor top-k. Use strategy='ddp' or a single device."
         )
+
+
+def slow_optimizers(optimizers: Sequence[torch.optim.Optimizer], masked: Sequence[torch.Tensor]) -> list[str]:
+    """Hints for Adam/AdamW updating masked CPU tensors without ``fused=True``: their step is several times slower.
+
+    Top-KAST keeps the optimizer state at exactly 0 outside B, and torch's unfused CPU ``sqrt`` of the second
+    moment is 5-9x slower on zeros (benchmarks/optimizer_step.py); the fused kernel does not care.
+    """
+    ids = {id(p) for p in masked if p.device.type == "cpu"}
+    hints = []
+    for optimizer in optimizers:
+        if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) or optimizer.defaults.get("fused"):
+            continue
+        if any(id(p) in ids for group in optimizer.param_groups for p in group["params"]):
+            name = type(optimizer).__name__
+            hints.append(
+                f"{name} updates masked CPU tensors without fused=True: its step is several times slower on the zero "
+                f"state Top-KAST keeps outside the backward set (torch's unfused sqrt is slow on zeros). "
+                f"Build it with torch.optim.{name}(..., fused=True)."
+            )
+    return hints
 
 
 def density(sparsity: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_topkast import TopKASTCallback
+from lightning_topkast import TopKASTCallback, validation
 from lightning_topkast.selection import count
 from lightning_topkast.state import TopKAST
 
@@ -252,6 +253,30 @@ def test_nothing_outside_backward_set_moves(tmp_path: Path, optimizer: str, stat
         recorder.end["net.2.weight"]["theta"][never_in_b], recorder.start["net.2.weight"]["theta"][never_in_b]
     )
     _assert_invariants(recorder.end, engine)
+
+
+@pytest.mark.parametrize(("optimizer", "hinted"), [("adamw", True), ("adamw-fused", False), ("sgd", False)])
+def test_unfused_adamw_on_cpu_gets_a_hint_at_fit_start(tmp_path: Path, optimizer: str, hinted: bool) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, MLP(optimizer=optimizer), TopKASTCallback(verbose=False))
+    hints = [str(w.message) for w in caught if "fused=True" in str(w.message)]
+    expected = "AdamW updates masked CPU tensors without fused=True: its step is several times slower"
+    assert [h.startswith(expected) for h in hints] == ([True] if hinted else [])
+
+
+def test_slow_optimizers_names_unfused_adam_over_masked_cpu_tensors_only() -> None:
+    masked, other = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))
+    optimizers = [
+        torch.optim.Adam([masked]),
+        torch.optim.Adam([masked], fused=True),
+        torch.optim.AdamW([other]),
+        torch.optim.SGD([masked], lr=0.1),
+    ]
+    hints = validation.slow_optimizers(optimizers, [masked])
+    assert len(hints) == 1
+    assert hints[0].startswith("Adam updates masked CPU tensors without fused=True")
+    assert hints[0].endswith("Build it with torch.optim.Adam(..., fused=True).")
 
 
 class LateEdit(Spy):
