@@ -1,4 +1,7 @@
-"""Argument checks for ``TopKASTCallback``: each error names the argument, shows the value and says what is valid."""
+"""Argument checks for ``TopKASTCallback`` and hints about the training setup.
+
+Each error names the argument, shows the value and says what is valid.
+"""
 
 from __future__ import annotations
 
