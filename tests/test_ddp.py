@@ -318,4 +318,9 @@ def _boundary_gap(theta: torch.Tensor, k: int) -> float:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    try:
+        main(Path(sys.argv[1]), sys.argv[2])
+    finally:
+        # a gloo group left for interpreter exit can abort there ("terminate called without an active exception")
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
