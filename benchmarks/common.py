@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -439,6 +440,18 @@ def masked_density(pl_module: nn.Module) -> float:
     params = dict(pl_module.named_parameters())
     nonzero = sum(int(params[n].count_nonzero()) for n in names)
     return nonzero / sum(params[n].numel() for n in names)
+
+
+def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
+    """Wall time of ``repeats`` calls of ``fn`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
 
 
 def new_figure(width: float, height: float) -> tuple[Any, Any]:

@@ -21,7 +21,6 @@ import copy
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,15 +71,6 @@ def callback_cost(steps: int, warmup: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def median_ms(fn: Callable[[], object], repeats: int = 30) -> float:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
 def adamw_step_ms(implementation: str, zero_fraction: float) -> float:
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(TENSOR, generator=g)) for _ in range(12)]
@@ -88,9 +78,7 @@ def adamw_step_ms(implementation: str, zero_fraction: float) -> float:
         p.grad = torch.randn(TENSOR, generator=g) * (torch.rand(TENSOR, generator=g) >= zero_fraction)
     flags = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[implementation]
     optimizer = torch.optim.AdamW(params, lr=1e-3, **flags)
-    for _ in range(3):
-        optimizer.step()
-    return median_ms(optimizer.step, repeats=25)
+    return statistics.median(common.time_ms(optimizer.step, 25, warmup=3))
 
 
 def main() -> None:
@@ -115,7 +103,7 @@ def main() -> None:
     print("| input | ms |")
     print("|---|---|")
     for name, x in [("positive", positive), ("half zeros", half_zero), ("all zeros", torch.zeros(TENSOR))]:
-        print(f"| {name} | {median_ms(lambda x=x: x.sqrt()):.3f} |")
+        print(f"| {name} | {statistics.median(common.time_ms(x.sqrt, 30)):.3f} |")
 
     print(f"\nAdamW step over 12 tensors of {TENSOR:,} weights, median of 25, ms")
     print("| implementation | no zero gradients | half the gradients zero |")

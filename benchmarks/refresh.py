@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,16 +51,6 @@ def topk_sets(theta: Tensor) -> tuple[Tensor, Tensor]:
     return sets[0], sets[1]
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> list[float]:
-    fn()  # warm-up: first-touch allocation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def measure(millions: int, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
     param = nn.Parameter(torch.randn(millions * 1024, 1024) * 0.02)
@@ -77,7 +66,7 @@ def measure(millions: int, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):  # interleaved, so noise hits every candidate alike
         for name, fn in candidates.items():
-            times[name] += median_ms(fn, 1)
+            times[name] += common.time_ms(fn, 1, warmup=1)  # the warm-up call takes first-touch allocation
     result = {name: statistics.median(values) for name, values in times.items()}
     result["bytes per weight"] = memory_overhead_bytes(engine.tensors) / tensor.numel
     return result

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -279,7 +278,8 @@ class TopKASTCallback(Callback):
                     p for p in reversed(self.sparsity_overrides) if p == name or fnmatch.fnmatchcase(name, p)
                 )
                 argument = f"sparsity_overrides={{{pattern!r}: {list(pinned[name])}}}"
-                fix = f"Pin it at a forward sparsity <= {math.floor((1 - 0.5 / param.numel()) * 1e4) / 1e4:.4f}"
+                alone = distributions.max_sparsity("uniform", {name: tuple(param.shape)})
+                fix = f"Pin it at a forward sparsity <= {alone:.4f}"
             else:
                 argument = f"forward_sparsity={self.forward_sparsity}"
                 fix = f"{suggestion}, pin it with sparsity_overrides"

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Mapping
 
 from lightning_topkast.selection import count
+from lightning_topkast.validation import density as density_of
 
 DISTRIBUTIONS = ("uniform", "erk", "global")
 
@@ -94,7 +95,7 @@ def max_sparsity(distribution: str, shapes: Shapes) -> float:
     numels = {name: math.prod(shape) for name, shape in shapes.items()}
 
     def feasible(sparsity: float) -> bool:
-        density = round(1.0 - sparsity, 12)  # as the callback turns a sparsity into D
+        density = density_of(sparsity)  # as the callback turns a sparsity into D
         if distribution == "global":
             return count(density, sum(numels.values())) >= 1
         return all(count(d, numels[name]) >= 1 for name, d in densities(distribution, shapes, density).items())
