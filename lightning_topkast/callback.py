@@ -183,7 +183,7 @@ class TopKASTCallback(Callback):
     def summary_table(self) -> str:
         """The summary as the text table printed at fit start."""
         engine = self._require_engine()
-        return reporting.format_table(self.summary(), self.kept_dense, reporting.memory_overhead_bytes(engine.tensors))
+        return reporting.format_table(self.summary(), self.kept_dense, engine.memory_bytes())
 
     def metrics(self) -> dict[str, float]:
         """The flat ``topkast/...`` metrics the callback logs; turnover covers the refreshes since the last call."""

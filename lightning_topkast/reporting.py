@@ -92,17 +92,6 @@ def summary_rows(tensors: Mapping[str, MaskedTensor]) -> list[dict[str, object]]
     ]
 
 
-def memory_overhead_bytes(tensors: Mapping[str, MaskedTensor]) -> int:
-    """Bytes the callback holds beyond the model: θ, three bool masks, the penalty's λ·c and float masks if on."""
-    total = 0
-    for t in tensors.values():
-        coefficient = t.penalty_coefficient
-        total += t.theta.numel() * t.theta.element_size() + 3 * t.numel
-        total += 0 if coefficient is None else coefficient.numel() * coefficient.element_size()
-        total += sum(scale.numel() * scale.element_size() for scale in t.scales or ())
-    return total
-
-
 def format_table(rows: list[dict[str, object]], kept_dense: Mapping[str, str], overhead_bytes: int) -> str:
     """The summary as a text table, in the spirit of Lightning's ModelSummary.
 
@@ -116,7 +105,7 @@ def format_table(rows: list[dict[str, object]], kept_dense: Mapping[str, str], o
         -----------------------------------------------------------------------
         Top-KAST masks 20 weights in 1 tensors: 4 in forward sets (0.200), 10 in backward sets (0.500)
         Kept dense: stem.weight (first layer)
-        Callback memory: 140 B (dense values, masks, penalty weights)
+        Callback memory: 140 B (dense values and set bytes)
     """
     header = ["", "Name", "Shape", "Params", "Fwd density", "Bwd density", "|A|", "|B|"]
     body = [
@@ -144,7 +133,7 @@ def format_table(rows: list[dict[str, object]], kept_dense: Mapping[str, str], o
         f"Top-KAST masks {numel} weights in {len(rows)} tensors: {in_a} in forward sets ({in_a / numel:.3f}), "
         f"{in_b} in backward sets ({in_b / numel:.3f})",
         f"Kept dense: {', '.join(f'{n} ({r})' for n, r in kept_dense.items()) or 'none'}",
-        f"Callback memory: {_bytes(overhead_bytes)} (dense values, masks, penalty weights)",
+        f"Callback memory: {_bytes(overhead_bytes)} (dense values and set bytes)",
     ]
     return "\n".join([lines[0], rule, *lines[1:], rule, *footer])
 

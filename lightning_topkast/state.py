@@ -2,17 +2,21 @@ r"""Per-tensor Top-KAST state and the in-place step mechanics; works with any to
 
 Between optimizer steps every masked parameter holds exactly its forward weights α = θ on A, 0 elsewhere, so
 anything that reads the parameter (modules, functional calls, tied weights, ``state_dict``) sees the sparse model.
-The dense θ lives here. One step (DESIGN.md):
+The dense θ lives here, with one byte per weight for the sets (:mod:`lightning_topkast.kernels`). One step:
 
 1. :meth:`TopKAST.before_step` (after backward and unscaling, before clipping): the gradient is kept on B only, the
    exploration penalty's gradient is added, and θ on B \ A is written into the parameter so that the update
    applies to the true values of B.
 2. the optimizer updates the parameter.
 3. a step post-hook: θ takes the new values on B and keeps its old ones outside B (whatever the update wrote there,
-   weight decay or momentum drift, is discarded); every ``update_interval`` steps A and B are re-selected from |θ|;
-   optimizer state outside B is zeroed; α is written back. SGD, Adam and AdamW see a zero weight and a zero
-   gradient outside B, so their state there stays zero and is zeroed only when B changes; any other optimizer's
-   state is zeroed after every step.
+   weight decay or momentum drift, is discarded), and α is written back; the same pass counts where θ stands
+   against the current thresholds of A and B. A refresh re-selects A and B exactly from |θ| when it is due:
+   ``update_interval`` steps after the last one, or earlier when ``early_refresh`` says the exploring weights have
+   outgrown A. Optimizer state outside B is zeroed.
+
+A refresh is exact and cheap: only B moved since the last one, so the new k-th largest |θ| is found by counting
+near the old one (:func:`lightning_topkast.selection.search_thresholds`), and nothing at all changes when the counts
+say the sets still split where they did.
 
 Use without Lightning::
 
@@ -37,12 +41,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_topkast.regularizer import penalty_weights
-from lightning_topkast.selection import forward_backward_sets, global_forward_backward_sets, turnover
+from lightning_topkast import kernels, selection
+from lightning_topkast.kernels import A_BIT, B_BIT, EVER_BIT, FinishCounts, Threshold
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
-RefreshListener = Callable[[dict[str, tuple[int, int]]], None]
+RefreshListener = Callable[[dict[str, tuple[Any, Any]]], None]
 
 # With a zero gradient and a zero weight, these optimizers leave a zero state entry zero (no element-wise term
 # creates state from nothing), so their state outside B needs zeroing only when B changes. Any other optimizer is
@@ -50,90 +54,100 @@ RefreshListener = Callable[[dict[str, tuple[int, int]]], None]
 _STATE_STAYS_ZERO: tuple[type[Optimizer], ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
-@dataclass
+@dataclass(eq=False)
 class MaskedTensor:
-    """One masked parameter: its dense values θ, forward set A, backward set B and every weight ever in A."""
+    """One masked parameter: its dense values θ and one byte per weight for A, B and "ever in A"."""
 
     name: str
     param: nn.Parameter
     forward_density: float
     backward_density: float
     in_global_pool: bool
+    kernels: kernels.Kernels
     theta: Tensor = field(init=False)
-    forward_set: Tensor = field(init=False)
-    backward_set: Tensor = field(init=False)
-    float_masks: bool = False
-    ever_active: Tensor = field(init=False)
-    penalty_coefficient: Tensor | None = field(init=False, default=None)
-    scales: tuple[Tensor, Tensor, Tensor] | None = field(init=False, default=None)
+    code: Tensor = field(init=False)
+    forward_size: Any = field(init=False, default=0)  # |A| now: an int, or a 0-dim tensor without host syncs
 
     def __post_init__(self) -> None:
-        self.theta = self.param.detach().clone()
-        self.forward_set = torch.ones_like(self.theta, dtype=torch.bool)
-        self.backward_set = torch.ones_like(self.theta, dtype=torch.bool)
-        self.ever_active = torch.zeros_like(self.theta, dtype=torch.bool)
+        self.theta = self.param.detach().clone(memory_format=torch.contiguous_format)
+        self.code = torch.zeros_like(self.theta, dtype=torch.uint8)
 
     @property
     def numel(self) -> int:
         """Number of weights in the tensor."""
         return self.theta.numel()
 
-    def set_masks(self, forward_set: Tensor, backward_set: Tensor, penalty: float) -> tuple[int, int]:
-        """Install new sets (and the penalty's λ·c for them); returns the turnover ``(left, size)`` of A."""
-        moved = turnover(self.forward_set, forward_set)
-        self.forward_set, self.backward_set = forward_set, backward_set
-        self.ever_active |= forward_set
-        self.penalty_coefficient = None
-        masks = (forward_set, backward_set)
-        if self.float_masks:
-            forward, backward = forward_set.to(self.theta.dtype), backward_set.to(self.theta.dtype)
-            self.scales = (forward, backward, torch.rsub(backward, 1))
-            masks = (forward, backward)
-        if penalty:
-            # λ/D fits in half precision where 1/D may not (D = 1e-5 overflows float16): multiply, then narrow
-            wide = torch.promote_types(self.theta.dtype, torch.float32)
-            weights = penalty_weights(*masks, self.forward_density, wide)
-            self.penalty_coefficient = weights.mul_(penalty).to(self.theta.dtype)
-        return moved
+    @property
+    def forward_set(self) -> Tensor:
+        """A as a bool tensor of the parameter's shape (a new tensor: compute it once per use)."""
+        return self._bit(A_BIT)
+
+    @property
+    def backward_set(self) -> Tensor:
+        """B as a bool tensor of the parameter's shape."""
+        return self._bit(B_BIT)
+
+    @property
+    def ever_active(self) -> Tensor:
+        """The weights that have ever been in A, as a bool tensor of the parameter's shape."""
+        return self._bit(EVER_BIT)
+
+    def _bit(self, bit: int) -> Tensor:
+        return (self.code & bit) != 0
 
     @torch.no_grad()
-    def write_forward_weights(self, theta_finite: bool | None = None) -> None:
-        """Make the parameter hold α: θ on A, exactly 0 elsewhere (``theta_finite``: already known, or None)."""
-        self.keep(self.theta, on_forward_set=True, out=self.param, finite=theta_finite)
+    def write_forward_weights(self) -> None:
+        """Make the parameter hold α: θ on A, exactly 0 elsewhere."""
+        self.param.copy_(torch.where(self.forward_set, self.theta, 0))
 
-    def keep(self, x: Tensor, on_forward_set: bool, out: Tensor, finite: bool | None = None) -> None:
-        """``out`` = ``x`` on A (or B), 0 elsewhere; ``finite`` says whether ``x`` is, when already known."""
-        mask = self.forward_set if on_forward_set else self.backward_set
-        if self.scales is not None and (_finite(x) if finite is None else finite):
-            torch.mul(x, self.scales[0 if on_forward_set else 1], out=out)
-        else:
-            torch.where(mask, x, _zero(x), out=out)
+    def kernels_for(self, *tensors: Tensor) -> kernels.Kernels:
+        """This tensor's kernels, or torch's when a tensor they would touch is laid out otherwise."""
+        if all(t.is_contiguous() for t in tensors):
+            return self.kernels
+        return kernels.TorchKernels()
 
-    def merge(self, inside: Tensor, outside: Tensor, out: Tensor) -> bool:
-        """``out`` = ``inside`` on B, ``outside`` elsewhere (``out`` may be ``outside``); True if all were finite."""
-        if self.scales is not None and _finite(inside) and _finite(outside):
-            # exact for finite values: x·1 + y·0 = x
-            torch.mul(outside, self.scales[2], out=out).addcmul_(inside, self.scales[1])
-            return True
-        torch.where(self.backward_set, inside, outside, out=out)
-        return False
+
+@dataclass(eq=False)
+class _Unit:
+    """Tensors whose sets are selected together: one tensor, or all of the global pool."""
+
+    tensors: list[MaskedTensor]
+    forward_k: int  # |A| and |B| over the unit
+    backward_k: int
+    forward: Any = None  # thresholds of the last refresh: Threshold, or two 0-dim tensors without host syncs
+    backward: Any = None
+    since_refresh: int = 0
+    early_flag: Tensor | None = None  # without host syncs: the early-refresh test of the last step, read one late
+
+    @property
+    def size(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def offsets(self) -> list[int]:
+        """Global index of each tensor's first entry: ties across the pool go to the earlier tensor."""
+        return [sum(t.numel for t in self.tensors[:i]) for i in range(len(self.tensors))]
 
 
 class TopKAST:
-    """Top-KAST over a set of named parameters, stepped by one or more torch optimizers.
+    r"""Top-KAST over a set of named parameters, stepped by one or more torch optimizers.
 
     Args:
         params: the parameters to mask, by name, in a fixed order.
         densities: ``{name: (D, D + M)}``, the forward and backward density of each tensor.
-        update_interval: optimizer steps between refreshes of A and B (counted per optimizer).
+        update_interval: the most optimizer steps between refreshes of A and B (counted per optimizer).
         penalty: the exploration penalty's strength λ; 0 turns it off.
         decoupled_penalty: apply the penalty to the weights after the update (scaled by the learning rate, outside
             momentum) instead of through the gradient.
         global_pool: names ranked together by one top-k at each refresh instead of per tensor; they must share
             one (D, D + M).
-        float_masks: also keep A and B as 0/1 tensors in θ's dtype, so the per-step selects are multiplies
-            (exact for finite values; non-finite ones take a ``where``). Bool-masked ``where`` runs ~40x slower
-            than a multiply on CPU, while on GPUs both are memory-bound; default: on for CPU tensors only.
+        early_refresh: refresh a tensor before ``update_interval`` is up once the weights of B \ A that have grown
+            past A's threshold number at least this fraction of |A| (at least one); None never refreshes early.
+        compiled: use the compiled C kernels (True), torch operations (False), or the C kernels where they apply
+            (None: fp32/fp64 CPU tensors, when a C compiler is at hand).
+        sync_free: never read a device value back on the host during a step (default: on for CUDA tensors). A
+            refresh then runs a full selection on the device, and the early-refresh test of one step decides at
+            the next one.
     """
 
     def __init__(
@@ -145,48 +159,62 @@ class TopKAST:
         penalty: float = 1e-4,
         decoupled_penalty: bool = False,
         global_pool: Collection[str] = (),
-        float_masks: bool | None = None,
+        early_refresh: float | None = None,
+        compiled: bool | None = None,
+        sync_free: bool | None = None,
     ) -> None:
+        if sync_free is None:
+            sync_free = any(p.device.type == "cuda" for p in params.values())
+        self.sync_free = sync_free
         self.tensors = {
             name: MaskedTensor(
                 name,
                 param,
                 *densities[name],
                 in_global_pool=name in global_pool,
-                float_masks=param.device.type == "cpu" if float_masks is None else float_masks,
+                kernels=kernels.TorchKernels() if sync_free else kernels.for_tensor(param, compiled),
             )
             for name, param in params.items()
         }
-        if len({self.tensors[name].forward_density for name in global_pool}) > 1:
+        pool = [t for t in self.tensors.values() if t.in_global_pool]
+        if len({t.forward_density for t in pool}) > 1:
             raise ValueError("tensors in the global pool must share one forward density")
+        self.units = [_unit([t]) for t in self.tensors.values() if not t.in_global_pool]
+        self.units += [_unit(pool)] if pool else []
+        self._unit_of = {t.name: unit for unit in self.units for t in unit.tensors}
         self.update_interval = update_interval
         self.penalty = penalty
         self.decoupled_penalty = decoupled_penalty
+        self.early_refresh = early_refresh
         self.steps: list[int] = []
         self.refreshes = 0
+        self.early_refreshes = 0
         self.skipped_steps = 0
         self.refresh_listeners: list[RefreshListener] = []
         self._groups: list[list[MaskedTensor]] = []
         self._optimizers: list[Optimizer] = []
+        self._owner: dict[str, Optimizer] = {}
         self._handles: list[RemovableHandle] = []
         self._pending: set[str] = set()
         self._unchecked: set[int] = set()
         self._depth: list[int] = []  # step() calls in progress per optimizer: a subclass's step may call super's
-        self._select(list(self.tensors.values()))
-        for tensor in self.tensors.values():
-            tensor.write_forward_weights()
+        with torch.no_grad():
+            for unit in self.units:
+                self._select(unit)
 
     # --- optimizer wiring -------------------------------------------------------------------------------------
 
     def attach(self, optimizers: Sequence[Optimizer]) -> None:
-        """Step with ``optimizers``: each refreshes the tensors it owns after every ``update_interval`` of its steps."""
+        """Step with ``optimizers``: each refreshes the tensors it owns after its own steps."""
         self.detach()
         owner = {id(p): i for i, opt in enumerate(optimizers) for group in opt.param_groups for p in group["params"]}
         self._optimizers = list(optimizers)
         self._groups = [[] for _ in optimizers]
+        self._owner = {}
         for tensor in self.tensors.values():
             if id(tensor.param) in owner:
                 self._groups[owner[id(tensor.param)]].append(tensor)
+                self._owner[tensor.name] = optimizers[owner[id(tensor.param)]]
         self.steps += [0] * (len(optimizers) - len(self.steps))
         self._unchecked = set(range(len(optimizers)))
         self._depth = [0] * len(optimizers)
@@ -206,7 +234,7 @@ class TopKAST:
         self.restore_forward_weights()
         for handle in self._handles:
             handle.remove()
-        self._handles, self._groups, self._optimizers = [], [], []
+        self._handles, self._groups, self._optimizers, self._owner = [], [], [], {}
 
     def _index(self, optimizer: Optimizer) -> int:
         for i, opt in enumerate(self._optimizers):
@@ -222,6 +250,7 @@ class TopKAST:
         index = self._index(optimizer)
         group = self._groups[index]
         self._restore(group)
+        penalty = 0.0 if self.decoupled_penalty else self.penalty
         for tensor in group:
             grad = tensor.param.grad
             if grad is None:
@@ -232,14 +261,10 @@ class TopKAST:
                     "gradients: build the embedding with sparse=False or exclude it"
                 )
             # θ on B goes into the parameter so the update applies to the true values of B \ A; zeros outside B
-            # keep element-wise optimizers from creating state there.
-            tensor.keep(tensor.theta, on_forward_set=False, out=tensor.param)
-            # a NaN or inf outside B must not reach the update: `keep` selects rather than multiplies then
-            tensor.keep(grad, on_forward_set=False, out=grad)
-            if tensor.penalty_coefficient is not None and not self.decoupled_penalty:
-                # λ·c·θ through the parameter, which holds θ on B and exactly 0 outside it: 0·θ would be NaN where
-                # θ is not finite (a weight a bf16 step made NaN stays NaN outside B until a refresh)
-                grad.addcmul_(tensor.penalty_coefficient, tensor.param)
+            # keep element-wise optimizers from creating state there. The penalty's gradient λ·c·θ is taken
+            # through the parameter, so a weight outside B that a bf16 step made NaN adds no NaN.
+            lam_a, lam_e = penalty, penalty / tensor.forward_density if penalty else 0.0
+            tensor.kernels_for(tensor.param, grad).prepare(tensor.theta, tensor.code, tensor.param, grad, lam_a, lam_e)
             self._pending.add(tensor.name)
 
     def _enter_step(self, index: int) -> None:
@@ -259,48 +284,159 @@ class TopKAST:
                 "optimizer.step() ran without TopKAST.before_step(optimizer): the update used unmasked gradients. "
                 "Under Lightning, step through the LightningOptimizer (self.optimizers()), not its .optimizer"
             )
-        lrs = self._learning_rates(index) if self.decoupled_penalty and self.penalty else {}
-        finite: dict[str, bool] = {}  # θ known finite after a fast merge (the penalty only shrinks it)
-        for tensor in pending:
-            finite[tensor.name] = tensor.merge(tensor.param, tensor.theta, out=tensor.theta)
-            if lrs and tensor.penalty_coefficient is not None:
-                tensor.theta.addcmul_(tensor.penalty_coefficient, tensor.theta, value=-lrs[id(tensor.param)])
-            self._pending.discard(tensor.name)
         self.steps[index] += 1
-        keep = {t.name: t.backward_set for t in group}
-        others: list[MaskedTensor] = []  # refreshed with the group, through a shared global pool
-        if bool(group) and self.steps[index] % self.update_interval == 0:
-            moved = self._refresh(group)
-            names = {t.name for t in group} | self._pending
-            others = [self.tensors[name] for name in moved.keys() - names]
-            # state survives only where an entry stayed in B: one entering B starts fresh even if a hook after
-            # the callback (gradient noise, say) wrote outside B and built state there
-            keep = {t.name: keep[t.name] & t.backward_set for t in group}
-        elif index not in self._unchecked and type(self._optimizers[index]) in _STATE_STAYS_ZERO:
-            keep = {}
-        # the first step after attach too: the optimizer may arrive with state restored from a dense run
+        counts = self._finish(index, pending)
+        units = list(dict.fromkeys(self._unit_of[t.name] for t in group))
+        due = {id(u): self._due(u, counts.get(id(u))) for u in units}
+        moved: dict[str, tuple[Any, Any]] = {}
+        for unit in units:
+            if due[id(unit)] is not None:
+                moved.update(self._refresh_unit(unit, counts.get(id(unit))))
+        if any(d is not None for d in due.values()):
+            self.refreshes += 1
+            self.early_refreshes += any(d == "early" for d in due.values())
+            for listener in self.refresh_listeners:
+                listener(moved)
+        refreshed = {t.name for u in units if due[id(u)] is not None for t in u.tensors}
+        if index in self._unchecked or type(self._optimizers[index]) not in _STATE_STAYS_ZERO:
+            # the first step after attach too: the optimizer may arrive with state restored from a dense run
+            for tensor in group:
+                if tensor.name not in refreshed:  # a refresh zeroed these already
+                    for state in self._states(tensor):
+                        tensor.kernels_for(state).keep(state, tensor.code, B_BIT)
         self._unchecked.discard(index)
-        self._zero_state_outside(self._optimizers[index], group, keep)
-        for tensor in [*group, *others]:
-            tensor.write_forward_weights(finite.get(tensor.name))
 
-    def _zero_state_outside(self, optimizer: Optimizer, group: Sequence[MaskedTensor], keep: dict[str, Tensor]) -> None:
-        # every state tensor shaped like the parameter, whatever the optimizer calls it
-        for tensor in group:
-            if tensor.name not in keep:
-                continue
-            for value in optimizer.state.get(tensor.param, {}).values():
-                if not isinstance(value, Tensor) or value.shape != tensor.param.shape:
+    def _finish(self, index: int, pending: list[MaskedTensor]) -> dict[int, FinishCounts | Tensor]:
+        """θ from the update, α back in the parameters, and the counts per unit against its thresholds."""
+        decoupled = self.decoupled_penalty and self.penalty
+        rates = {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]} if decoupled else {}
+        totals: dict[int, Any] = {}
+        for tensor in pending:
+            unit = self._unit_of[tensor.name]
+            dec_a = -rates[id(tensor.param)] * self.penalty if decoupled else 0.0
+            dec_e = dec_a / tensor.forward_density
+            offset = unit.offsets[unit.tensors.index(tensor)]
+            if self.sync_free:
+                torch_kernels: kernels.TorchKernels = tensor.kernels  # type: ignore[assignment]
+                torch_kernels.merge(tensor.theta, tensor.code, tensor.param, dec_a, dec_e)
+                if self.early_refresh is None:
                     continue
-                if keep[tensor.name] is tensor.backward_set:
-                    tensor.keep(value, on_forward_set=False, out=value)
-                elif tensor.scales is not None and _finite(value):
-                    value.mul_(keep[tensor.name].to(value.dtype))  # exact for finite values, and a bool where is slow
-                else:
-                    torch.where(keep[tensor.name], value, _zero(value), out=value)
+                found = torch_kernels.finish_counts(tensor.theta, tensor.code, unit.forward, unit.backward, offset)
+            else:
+                work = tensor.kernels_for(tensor.param)
+                found = work.finish(
+                    tensor.theta, tensor.code, tensor.param, dec_a, dec_e, unit.forward, unit.backward, offset
+                )
+            totals[id(unit)] = _add(totals.get(id(unit)), found)
+        self._pending -= {t.name for t in pending}
+        # pool members another optimizer steps were not finished here: count them as they stand
+        for unit in {id(self._unit_of[t.name]): self._unit_of[t.name] for t in pending}.values():
+            for offset, tensor in zip(unit.offsets, unit.tensors, strict=True):
+                if tensor not in pending and (self.early_refresh is not None or not self.sync_free):
+                    found = kernels.TorchKernels().finish_counts(
+                        tensor.theta, tensor.code, unit.forward, unit.backward, offset
+                    )
+                    totals[id(unit)] = _add(
+                        totals[id(unit)], found if self.sync_free else FinishCounts(*found.tolist())
+                    )
+        return totals
 
-    def _learning_rates(self, index: int) -> dict[int, float]:
-        return {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]}
+    def _due(self, unit: _Unit, counts: FinishCounts | Tensor | None) -> str | None:
+        """Why ``unit`` refreshes now ("interval" or "early"), or None; counts this step for it."""
+        unit.since_refresh += 1
+        early = False
+        if self.early_refresh is not None and counts is not None:
+            if self.sync_free:  # decide on the last step's test, whose value has long reached the host
+                flag, unit.early_flag = unit.early_flag, self._early_test(unit, counts[4])
+                early = flag is not None and bool(flag.tolist())
+            else:
+                early = self._early_test(unit, counts.explorers_above)
+        if unit.since_refresh >= self.update_interval:
+            return "interval"
+        return "early" if early else None
+
+    def _early_test(self, unit: _Unit, explorers: Any) -> Any:
+        needed = max(1.0, self.early_refresh * unit.forward_k)  # type: ignore[operator]
+        if isinstance(explorers, Tensor):
+            return _to_host(explorers >= needed)
+        return explorers >= needed
+
+    # --- refresh --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def refresh(self, tensors: Sequence[MaskedTensor] | None = None) -> None:
+        """Re-select A and B of ``tensors`` (default: all; the whole global pool if any is in it) from |θ|."""
+        chosen = self.tensors.values() if tensors is None else tensors
+        units = list(dict.fromkeys(self._unit_of[t.name] for t in chosen))
+        moved: dict[str, tuple[Any, Any]] = {}
+        for unit in units:
+            moved.update(self._refresh_unit(unit, None))
+        self.refreshes += 1
+        for listener in self.refresh_listeners:
+            listener(moved)
+
+    def _refresh_unit(self, unit: _Unit, counts: FinishCounts | Tensor | None) -> dict[str, tuple[Any, Any]]:
+        """New sets for ``unit``; returns the turnover ``{name: (left, size)}`` of each of its tensors."""
+        unit.since_refresh, unit.early_flag = 0, None  # this step's early test measured the old sets
+        sizes = {t.name: t.forward_size for t in unit.tensors}
+        if self.sync_free or counts is None:
+            return self._select(unit, sizes)
+        if counts.forward_kept == counts.forward_all == unit.forward_k and (
+            counts.backward_kept == counts.backward_all == unit.backward_k
+        ):
+            return {name: (0, size) for name, size in sizes.items()}  # the sets still split where they did
+        dtype = unit.tensors[0].theta.dtype
+        mantissa, top = kernels.mantissa_bits(dtype), kernels.infinity_score(dtype)
+        searches = [
+            selection.search_threshold(unit.forward_k, unit.forward, counts.forward_all, unit.size, mantissa, top),
+            selection.search_threshold(unit.backward_k, unit.backward, counts.backward_all, unit.size, mantissa, top),
+        ]
+        found = selection.search_thresholds(
+            searches, lambda rungs: _count_at_least(unit, rungs), lambda s, w: _tie_split(unit, s, w)
+        )
+        if None in found:
+            return self._select(unit, sizes)
+        unit.forward, unit.backward = found
+        return self._apply(unit, sizes)
+
+    def _select(self, unit: _Unit, sizes: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+        """A full selection: the thresholds from all of the unit's scores."""
+        scores = torch.cat([kernels.scores(t.theta) for t in unit.tensors])
+        if self.sync_free:
+            unit.forward = selection.threshold_tensors(scores, unit.forward_k)
+            unit.backward = selection.threshold_tensors(scores, unit.backward_k)
+        else:
+            unit.forward = selection.threshold(scores, unit.forward_k)
+            unit.backward = selection.threshold(scores, unit.backward_k)
+        return self._apply(unit, sizes or {t.name: t.forward_size for t in unit.tensors})
+
+    def _apply(self, unit: _Unit, sizes: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+        moved = {}
+        for offset, tensor in zip(unit.offsets, unit.tensors, strict=True):
+            states = self._states(tensor)
+            pending = tensor.name in self._pending  # its parameter holds θ on B now: α comes when its step ends
+            target = tensor.param if not pending else torch.empty_like(tensor.theta)
+            if self.sync_free:
+                work: kernels.TorchKernels = tensor.kernels  # type: ignore[assignment]
+                left, _, tensor.forward_size = work.apply_counts(
+                    tensor.theta, tensor.code, target, unit.forward, unit.backward, offset, states
+                )
+            else:
+                left, _, tensor.forward_size = tensor.kernels_for(tensor.param, *states).apply(
+                    tensor.theta, tensor.code, target, unit.forward, unit.backward, offset, states
+                )
+            moved[tensor.name] = (left, sizes[tensor.name])
+        return moved
+
+    def _states(self, tensor: MaskedTensor) -> list[Tensor]:
+        """Every optimizer-state tensor shaped like the parameter, whatever the optimizer calls it."""
+        optimizer = self._owner.get(tensor.name)
+        if optimizer is None:
+            return []
+        values = optimizer.state.get(tensor.param, {}).values()
+        return [v for v in values if isinstance(v, Tensor) and v.shape == tensor.param.shape]
+
+    # --- skipped steps ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def restore_forward_weights(self) -> int:
@@ -315,7 +451,7 @@ class TopKAST:
     def pending_forward_weights(self) -> dict[str, Tensor]:
         r"""α of the tensors prepared by :meth:`before_step` whose step has not finished: they hold θ on B \ A now."""
         return {
-            name: torch.where(tensor.forward_set, tensor.theta, _zero(tensor.theta))
+            name: torch.where(tensor.forward_set, tensor.theta, 0)
             for name, tensor in self.tensors.items()
             if name in self._pending
         }
@@ -329,37 +465,17 @@ class TopKAST:
             self.skipped_steps += 1
         return len(skipped)
 
-    # --- refresh --------------------------------------------------------------------------------------------------
+    # --- memory ---------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def refresh(self, tensors: Sequence[MaskedTensor]) -> None:
-        """Re-select A and B of ``tensors`` from |θ| over all entries (the whole global pool if any is in it)."""
-        moved = self._refresh(tensors)
-        for name in moved.keys() - self._pending:  # a pending tensor gets α when its own step finishes
-            self.tensors[name].write_forward_weights()
-
-    def _refresh(self, tensors: Sequence[MaskedTensor]) -> dict[str, tuple[int, int]]:
-        # the sets only: the caller writes α once, after whatever else the step changes
-        moved = self._select(tensors)
-        self.refreshes += 1
-        for listener in self.refresh_listeners:
-            listener(moved)
-        return moved
-
-    def _select(self, tensors: Sequence[MaskedTensor]) -> dict[str, tuple[int, int]]:
-        moved: dict[str, tuple[int, int]] = {}
-        for tensor in tensors:
-            if not tensor.in_global_pool:
-                sets = forward_backward_sets(tensor.theta, tensor.forward_density, tensor.backward_density)
-                moved[tensor.name] = tensor.set_masks(*sets, self.penalty)
-        if any(t.in_global_pool for t in tensors):
-            pool = [t for t in self.tensors.values() if t.in_global_pool]
-            sets = global_forward_backward_sets(
-                [t.theta for t in pool], pool[0].forward_density, pool[0].backward_density
-            )
-            for tensor, (forward_set, backward_set) in zip(pool, sets, strict=True):
-                moved[tensor.name] = tensor.set_masks(forward_set, backward_set, self.penalty)
-        return moved
+    def memory_bytes(self) -> int:
+        """Bytes of every tensor the engine holds (θ, the set bytes, thresholds), each storage counted once."""
+        seen: dict[int, int] = {}
+        held = [v for t in self.tensors.values() for v in vars(t).values() if v is not t.param]
+        held += [v for u in self.units for v in vars(u).values()]
+        for value in _tensors_in(held):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
 
     # --- checkpointing --------------------------------------------------------------------------------------------
 
@@ -369,6 +485,7 @@ class TopKAST:
             "version": STATE_VERSION,
             "steps": list(self.steps),
             "refreshes": self.refreshes,
+            "early_refreshes": self.early_refreshes,
             "skipped_steps": self.skipped_steps,
             "tensors": {
                 name: {
@@ -377,12 +494,20 @@ class TopKAST:
                     "backward_density": t.backward_density,
                     "in_global_pool": t.in_global_pool,
                     "theta": t.theta,
-                    "forward_set": t.forward_set,
-                    "backward_set": t.backward_set,
-                    "ever_active": t.ever_active,
+                    "code": t.code,
                 }
                 for name, t in self.tensors.items()
             },
+            "units": [
+                {
+                    "tensors": [t.name for t in unit.tensors],
+                    "forward_threshold": _plain(unit.forward),
+                    "backward_threshold": _plain(unit.backward),
+                    "since_refresh": unit.since_refresh,
+                    "early_flag": None if unit.early_flag is None else bool(unit.early_flag.tolist()),
+                }
+                for unit in self.units
+            ],
         }
 
     def differences(self, state: Mapping[str, Any]) -> list[str]:
@@ -405,32 +530,89 @@ class TopKAST:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore θ, the sets and the counters; raises ``ValueError`` listing every difference."""
+        """Restore θ, the sets, thresholds and counters; raises ``ValueError`` listing every difference."""
         problems = self.differences(state)
         if problems:
             raise ValueError("Top-KAST state does not fit the masked tensors: " + "; ".join(problems))
         for name, saved in state["tensors"].items():
             tensor = self.tensors[name]
             tensor.theta.copy_(saved["theta"])
-            masks = [saved[key].to(device=tensor.theta.device, dtype=torch.bool, copy=True) for key in _MASK_KEYS]
-            tensor.set_masks(masks[0], masks[1], self.penalty)
-            tensor.ever_active = masks[2]
+            tensor.code.copy_(saved["code"])
+            tensor.forward_size = int(torch.count_nonzero(tensor.code & A_BIT))
             tensor.write_forward_weights()
+        for saved in state["units"]:
+            unit = self._unit_of[saved["tensors"][0]]
+            device = unit.tensors[0].theta.device
+            unit.forward, unit.backward = (
+                _threshold(saved[key], self.sync_free, device) for key in ("forward_threshold", "backward_threshold")
+            )
+            unit.since_refresh = int(saved["since_refresh"])
+            flag = saved["early_flag"]
+            unit.early_flag = None if flag is None else torch.tensor(flag)
+            if self.sync_free:
+                for tensor in unit.tensors:
+                    tensor.forward_size = torch.tensor(tensor.forward_size, device=device)
         self.steps = [int(s) for s in state["steps"]] + self.steps[len(state["steps"]) :]
         self.refreshes = int(state["refreshes"])
+        self.early_refreshes = int(state["early_refreshes"])
         self.skipped_steps = int(state["skipped_steps"])
 
 
-_MASK_KEYS = ("forward_set", "backward_set", "ever_active")
+def _unit(tensors: list[MaskedTensor]) -> _Unit:
+    size = sum(t.numel for t in tensors)
+    forward, backward = tensors[0].forward_density, tensors[0].backward_density
+    return _Unit(tensors, selection.count(forward, size), selection.count(backward, size))
 
 
-def _finite(x: Tensor) -> bool:
-    # one vectorised pass: a sum is non-finite iff an entry is (or, rarely, it overflows: the safe path then)
-    return bool(torch.isfinite(x.sum()))
+def _count_at_least(unit: _Unit, rungs: list[int]) -> list[int]:
+    totals = [0] * len(rungs)
+    for tensor in unit.tensors:
+        for start in range(0, len(rungs), kernels.RUNGS):
+            counts = tensor.kernels.count_at_least(tensor.theta, rungs[start : start + kernels.RUNGS])
+            for i, c in enumerate(counts, start):
+                totals[i] += c
+    return totals
 
 
-def _zero(like: Tensor) -> Tensor:
-    return torch.zeros((), dtype=like.dtype, device=like.device)
+def _tie_split(unit: _Unit, score: int, wanted: int) -> int:
+    for offset, tensor in zip(unit.offsets, unit.tensors, strict=True):
+        split, wanted = selection.tie_split(kernels.scores(tensor.theta), score, wanted, offset)
+        if wanted == 0:
+            return split
+    return unit.size
+
+
+def _add(total: Any, counts: Any) -> Any:
+    if total is None:
+        return counts
+    if isinstance(counts, Tensor):
+        return total + counts
+    return FinishCounts(*(a + b for a, b in zip(total, counts, strict=True)))
+
+
+def _to_host(flag: Tensor) -> Tensor:
+    # on a GPU: a copy into pinned memory that completes while the device runs on; read it a step later
+    if flag.device.type == "cpu":
+        return flag.clone()
+    host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+    return host.copy_(flag, non_blocking=True)
+
+
+def _plain(threshold: Any) -> list[int]:
+    return [int(v) for v in threshold]  # tensors are read back here, at checkpoint time
+
+
+def _threshold(values: Sequence[int], as_tensors: bool, device: torch.device) -> Any:
+    threshold = Threshold(int(values[0]), int(values[1]))
+    return selection.threshold_tensors_of(threshold, device) if as_tensors else threshold
+
+
+def _tensors_in(values: Iterable[Any]) -> Iterable[Tensor]:
+    for value in values:
+        if isinstance(value, Tensor):
+            yield value
+        elif isinstance(value, tuple | list):
+            yield from _tensors_in(value)
 
 
 def _show(value: object) -> str:

@@ -54,6 +54,12 @@ class MLP(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-2)
 
 
+def saved_sets(saved: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward and backward sets of one tensor's checkpointed state (one byte per weight: bit 1 A, bit 0 B)."""
+    code = saved["code"]
+    return (code & 2) != 0, (code & 1) != 0
+
+
 def make_trainer(tmp_path: Any, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
     """A quiet CPU Trainer writing under ``tmp_path``; ``kwargs`` override the defaults."""
     defaults: dict[str, Any] = {

@@ -27,7 +27,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import make_trainer, saved_sets
 from crash_worker import CHECKPOINT_EVERY, STEPS, StepMLP, dummy_loader, run
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -67,7 +67,7 @@ def assert_identical(expected: Any, got: Any, where: str = "") -> None:
 
 def forward_weights(saved: Mapping[str, Any]) -> torch.Tensor:
     """θ on the saved forward set, exactly 0 elsewhere."""
-    return torch.where(saved["forward_set"], saved["theta"], torch.zeros((), dtype=saved["theta"].dtype))
+    return torch.where(saved_sets(saved)[0], saved["theta"], torch.zeros((), dtype=saved["theta"].dtype))
 
 
 # --- 1. SIGKILL and resume in fresh processes -------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_sigkill_mid_step_then_resume_from_last_checkpoint_is_bit_exact(
     assert resumed["topkast"]["steps"] == [STEPS]
     for name, (a, b) in SET_SIZES.items():
         saved = resumed["topkast"]["tensors"][name]
-        assert (int(saved["forward_set"].sum()), int(saved["backward_set"].sum())) == (a, b)
+        assert tuple(int(s.sum()) for s in saved_sets(saved)) == (a, b)
         assert torch.equal(resumed["state_dict"][name], forward_weights(saved))
 
 
@@ -271,7 +271,7 @@ def test_every_checkpoint_saved_inside_a_step_holds_a_consistent_state(
         assert state["refreshes"] == step // INSIDE_INTERVAL, path.name
         for name, (a, b) in SET_SIZES.items():
             saved = state["tensors"][name]
-            assert (int(saved["forward_set"].sum()), int(saved["backward_set"].sum())) == (a, b), path.name
+            assert tuple(int(s.sum()) for s in saved_sets(saved)) == (a, b), path.name
             assert torch.equal(checkpoint["state_dict"][name], forward_weights(saved)), path.name
         kept = {key: checkpoint[key] for key in ("state_dict", "optimizer_states")} | {"topkast": state}
         # ModelCheckpoint saves after every other callback's batch-end hook: both files hold the same state

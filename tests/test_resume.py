@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP, make_loader, make_trainer
+from conftest import MLP, make_loader, make_trainer, saved_sets
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_topkast import TopKASTCallback
@@ -65,14 +65,14 @@ def test_resume_without_callback_is_bit_exact_too(tmp_path: Path) -> None:
 def test_checkpoint_state_loads_with_weights_only(tmp_path: Path) -> None:
     _model, _callback, ckpt = _fit_two_epochs(tmp_path, "sgd", with_callback=True)
     state = torch.load(ckpt, weights_only=True)["callbacks"]["TopKASTCallback"]
-    assert state["version"] == 1
+    assert state["version"] == 2
     assert state["config"]["forward_sparsity"] == 0.8
     assert state["steps"] == [STEPS_PER_EPOCH]
     assert sorted(state["tensors"]) == ["net.2.weight", "net.4.weight"]
     # the model's weights in the checkpoint are the forward weights α
     weights = torch.load(ckpt, weights_only=True)["state_dict"]
     for name, saved in state["tensors"].items():
-        assert torch.equal(weights[name], torch.where(saved["forward_set"], saved["theta"], 0))
+        assert torch.equal(weights[name], torch.where(saved_sets(saved)[0], saved["theta"], 0))
 
 
 def test_checkpoint_without_callback_state_raises(tmp_path: Path) -> None:

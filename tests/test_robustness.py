@@ -328,7 +328,13 @@ def test_half_precision_tensor_at_high_sparsity_builds_its_penalty() -> None:
     engine = TopKAST({"w": param}, {"w": (1e-5, 0.5)}, penalty=1e-4)
     tensor = engine.tensors["w"]
     assert int(tensor.forward_set.sum()) == 1
-    assert tensor.penalty_coefficient is not None
+    engine.attach([torch.optim.SGD([param], lr=0.0)])
+    param.grad = torch.zeros_like(param)
+    engine.before_step(engine._optimizers[0])  # the gradient is now the penalty's alone: λ·c·θ on B
     exploration = tensor.backward_set & ~tensor.forward_set
-    assert torch.equal(tensor.penalty_coefficient[exploration].unique(), torch.tensor([10.0], dtype=torch.float16))
-    assert torch.equal(tensor.penalty_coefficient[tensor.forward_set], torch.tensor([1e-4], dtype=torch.float16))
+    theta = tensor.theta.float()
+    assert torch.equal(param.grad[exploration], (theta * 10.0)[exploration].half())
+    lam = float(torch.tensor(1e-4, dtype=torch.float16))  # λ as float16 holds it
+    assert torch.equal(param.grad[tensor.forward_set], (theta * lam)[tensor.forward_set].half())
+    assert not bool(param.grad[~tensor.backward_set].any())
+    engine.restore_forward_weights()

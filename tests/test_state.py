@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_topkast import kernels
 from lightning_topkast.selection import count, global_forward_backward_sets
 from lightning_topkast.state import STATE_VERSION, TopKAST
 
@@ -110,14 +111,14 @@ def reference_run(steps: int, update_interval: int, lr: float, strength: float) 
     return history
 
 
-@pytest.mark.parametrize("float_masks", [True, False])
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("update_interval", [1, 3])
 @pytest.mark.parametrize("strength", [0.0, 0.05])
-def test_engine_with_sgd_matches_the_naive_reference(update_interval: int, strength: float, float_masks: bool) -> None:
-    """Both select paths (float-mask multiplies, used on CPU, and bool `where`, used on GPU) follow the method."""
+def test_engine_with_sgd_matches_the_naive_reference(update_interval: int, strength: float, compiled: bool) -> None:
+    """Both kernel paths (the compiled C loops, used on CPU, and torch operations, used on GPU) follow the method."""
     steps, lr = 10, 0.5
     reference = reference_run(steps, update_interval, lr, strength)
-    model, engine, _ = setup(update_interval=update_interval, penalty=strength, float_masks=float_masks)
+    model, engine, _ = setup(update_interval=update_interval, penalty=strength, compiled=compiled)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     engine.attach([opt])
     refreshes_that_moved = 0
@@ -143,13 +144,13 @@ def test_engine_with_sgd_matches_the_naive_reference(update_interval: int, stren
 # --- invariants of every step -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("float_masks", [True, False])
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("update_interval", [1, 3, 1000])
 def test_every_step_keeps_alpha_and_freezes_weights_outside_b(
-    optimizer: str, update_interval: int, float_masks: bool
+    optimizer: str, update_interval: int, compiled: bool
 ) -> None:
-    model, engine, opt = setup(optimizer, update_interval, penalty=0.01, float_masks=float_masks)
+    model, engine, opt = setup(optimizer, update_interval, penalty=0.01, compiled=compiled)
     assert_holds_alpha(engine)
     initial = {name: t.theta.clone() for name, t in engine.tensors.items()}
     for step in range(7):
@@ -185,11 +186,11 @@ def test_optimizer_state_is_zero_outside_b(optimizer: str, keys: set[str], updat
         assert bool(opt.state[model[2].bias][next(iter(keys))].ne(0).all())
 
 
-@pytest.mark.parametrize("float_masks", [True, False])
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_non_finite_gradients_outside_b_never_reach_weights_or_state(optimizer: str, float_masks: bool) -> None:
-    clean_model, clean, clean_opt = setup(optimizer, update_interval=2, penalty=0.01, float_masks=float_masks)
-    model, engine, opt = setup(optimizer, update_interval=2, penalty=0.01, float_masks=float_masks)
+def test_non_finite_gradients_outside_b_never_reach_weights_or_state(optimizer: str, compiled: bool) -> None:
+    clean_model, clean, clean_opt = setup(optimizer, update_interval=2, penalty=0.01, compiled=compiled)
+    model, engine, opt = setup(optimizer, update_interval=2, penalty=0.01, compiled=compiled)
     for step in range(5):
         for m, e, o, poison in ((clean_model, clean, clean_opt, False), (model, engine, opt, True)):
             x, y = batch(step)
@@ -592,13 +593,8 @@ def test_two_optimizers_prepared_together_then_stepped() -> None:
         assert torch.equal(t.theta, runs[1].tensors[name].theta), name
 
 
-def test_float_masks_default_to_cpu_tensors_and_mirror_the_sets() -> None:
+def test_compiled_kernels_default_to_cpu_fp32_and_fp64_tensors() -> None:
     _, engine, _ = setup()
-    for t in engine.tensors.values():
-        assert t.scales is not None
-        forward, backward, outside = t.scales
-        assert torch.equal(forward, t.forward_set.to(t.theta.dtype))
-        assert torch.equal(backward, t.backward_set.to(t.theta.dtype))
-        assert torch.equal(outside, (~t.backward_set).to(t.theta.dtype))
-    _, engine, _ = setup(float_masks=False)
-    assert all(t.scales is None for t in engine.tensors.values())
+    assert all(isinstance(t.kernels, kernels.CKernels) for t in engine.tensors.values())
+    _, engine, _ = setup(compiled=False)
+    assert all(isinstance(t.kernels, kernels.TorchKernels) for t in engine.tensors.values())
