@@ -139,6 +139,77 @@ void NAME(count_at_least)(int64_t n, const T *restrict theta, const int64_t *res
   }
 }
 
+/* ---- gathering the entries near a threshold ---------------------------------------------------------------- */
+
+#define BLOCK 64 /* entries per block of the gather: one 64-bit mask of hits */
+
+/* Two windows of scores, [lo0, hi0) and [lo1, hi1): out[0] = entries scoring at least hi0, out[1] = entries in
+ * window 0, out[2] and out[3] the same for window 1. The entries of each window, in index order, go to its buffers
+ * (score and index), at most `cap` of them. `blocks` is scratch for 2 * ceil(n / BLOCK) counts.
+ *
+ * Three phases: count per block (vectorised, in parallel), turn the counts into offsets, then copy the entries of
+ * the blocks that hold any (in parallel, each block to its own offsets, so the order is the index order). */
+void NAME(gather)(int64_t n, const T *restrict theta, int64_t lo0, int64_t hi0, int64_t lo1, int64_t hi1, int64_t cap,
+                  int64_t *restrict scores0, int64_t *restrict index0, int64_t *restrict scores1,
+                  int64_t *restrict index1, int64_t *restrict blocks, int64_t *restrict out) {
+  int64_t nblocks = (n + BLOCK - 1) / BLOCK, above0 = 0, above1 = 0;
+  S l0 = (S)lo0, h0 = (S)hi0, l1 = (S)lo1, h1 = (S)hi1;
+#pragma omp parallel for if (n >= ONE_THREAD_BELOW) reduction(+ : above0, above1)
+  for (int64_t b = 0; b < nblocks; b++) {
+    int64_t end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n, c0 = 0, c1 = 0, a0 = 0, a1 = 0;
+    for (int64_t i = b * BLOCK; i < end; i++) {
+      S s = NAME(score)(theta[i]);
+      a0 += s >= h0;
+      a1 += s >= h1;
+      c0 += (s >= l0) & (s < h0);
+      c1 += (s >= l1) & (s < h1);
+    }
+    blocks[2 * b] = c0;
+    blocks[2 * b + 1] = c1;
+    above0 += a0;
+    above1 += a1;
+  }
+  int64_t total0 = 0, total1 = 0;
+  for (int64_t b = 0; b < nblocks; b++) {
+    int64_t c0 = blocks[2 * b], c1 = blocks[2 * b + 1];
+    blocks[2 * b] = total0;
+    blocks[2 * b + 1] = total1;
+    total0 += c0;
+    total1 += c1;
+  }
+  out[0] = above0;
+  out[1] = total0;
+  out[2] = above1;
+  out[3] = total1;
+#pragma omp parallel for if (n >= ONE_THREAD_BELOW) schedule(dynamic, 256)
+  for (int64_t b = 0; b < nblocks; b++) {
+    int64_t next0 = blocks[2 * b], next1 = blocks[2 * b + 1];
+    int64_t stop0 = b + 1 < nblocks ? blocks[2 * b + 2] : total0, stop1 = b + 1 < nblocks ? blocks[2 * b + 3] : total1;
+    if ((next0 == stop0 || next0 >= cap) && (next1 == stop1 || next1 >= cap)) continue;
+    int64_t start = b * BLOCK, end = start + BLOCK < n ? start + BLOCK : n;
+    uint64_t hits0 = 0, hits1 = 0; /* bit j: entry start + j is in the window; a loop that vectorises */
+    for (int64_t j = 0; j < end - start; j++) {
+      S s = NAME(score)(theta[start + j]);
+      hits0 |= (uint64_t)((s >= l0) & (s < h0)) << j;
+      hits1 |= (uint64_t)((s >= l1) & (s < h1)) << j;
+    }
+    for (; hits0; hits0 &= hits0 - 1, next0++) {
+      int64_t i = start + __builtin_ctzll(hits0);
+      if (next0 < cap) {
+        scores0[next0] = NAME(score)(theta[i]);
+        index0[next0] = i;
+      }
+    }
+    for (; hits1; hits1 &= hits1 - 1, next1++) {
+      int64_t i = start + __builtin_ctzll(hits1);
+      if (next1 < cap) {
+        scores1[next1] = NAME(score)(theta[i]);
+        index1[next1] = i;
+      }
+    }
+  }
+}
+
 /* ---- apply: new sets at a refresh ------------------------------------------------------------------------------ */
 
 static inline __attribute__((always_inline)) void NAME(apply_loop)(int64_t lo, int64_t hi, const T *restrict theta,

@@ -28,15 +28,19 @@ class TopKASTCallback(Callback):
 
     Each masked tensor runs forward on its top ``1 - forward_sparsity`` weights by magnitude (the forward set A) and
     updates its top ``1 - backward_sparsity`` (the backward set B ⊇ A); an exploration penalty keeps A from
-    entrenching itself; A and B are re-selected from the dense weights every ``update_interval`` optimizer steps.
+    entrenching itself; A and B are re-selected from the dense weights at least every ``update_interval`` optimizer
+    steps, and sooner when the exploring weights have outgrown A (``early_refresh``).
     The module's parameters always hold the sparse forward weights, so validation, ``state_dict`` and export see
     the sparse model with no change to the module.
 
     Args:
         forward_sparsity: fraction of each masked tensor that is zero in the forward pass (D = 1 - it), in [0, 1).
         backward_sparsity: fraction that receives no gradient, in [0, forward_sparsity]; equal means B = A.
-        update_interval: optimizer steps between refreshes of A and B; 1 is the method as written. Longer
-            intervals let B \ A drift with no say in the loss, then enter A all at once (see docs/results.md).
+        update_interval: the most optimizer steps between refreshes of A and B; 1 is the method as written.
+        early_refresh: refresh a tensor before ``update_interval`` is up once the weights of B \ A that have grown
+            past A's threshold of the last refresh number this fraction of |A| (at least one weight). Without it,
+            long intervals let B \ A drift with no say in the loss, then enter A all at once (docs/results.md).
+            None turns it off.
         exploration_penalty: λ of the penalty λ/2·Σ c·θ² (c = 1 on A, 1/D on B \ A); 0 turns it off.
         decoupled_penalty: apply the penalty to the weights after each update, scaled by the learning rate and
             outside momentum (as SparseML does), instead of through the gradient.
@@ -64,6 +68,7 @@ class TopKASTCallback(Callback):
         forward_sparsity: float = 0.8,
         backward_sparsity: float = 0.5,
         update_interval: int = 1,
+        early_refresh: float | None = 0.01,
         exploration_penalty: float = 1e-4,
         decoupled_penalty: bool = False,
         distribution: Distribution = "uniform",
@@ -81,6 +86,7 @@ class TopKASTCallback(Callback):
             "backward_sparsity", backward_sparsity, upper=self.forward_sparsity
         )
         self.update_interval = validation.positive_int("update_interval", update_interval)
+        self.early_refresh = validation.optional_fraction("early_refresh", early_refresh)
         self.exploration_penalty = validation.non_negative("exploration_penalty", exploration_penalty)
         self.distribution = validation.choice("distribution", distribution, distributions.DISTRIBUTIONS)
         self.sparsity_overrides = validation.overrides(sparsity_overrides)
@@ -97,7 +103,7 @@ class TopKASTCallback(Callback):
         self.kept_dense: dict[str, str] = {}
         self._loaded_state: dict[str, Any] | None = None
         self._resuming = False
-        self._turnover = MeanMetric(nan_strategy="error", sync_on_compute=False)
+        self._turnover = MeanMetric(nan_strategy="disable", sync_on_compute=False)  # no host check per update
         self._layer_flops: dict[nn.Module, float] = {}
         self._flops_handles: list[RemovableHandle] = []
         self._flops_counted = False
@@ -199,6 +205,7 @@ class TopKASTCallback(Callback):
         metrics[f"{reporting.PREFIX}/train_flops_fraction"] = train
         metrics[f"{reporting.PREFIX}/inference_flops_fraction"] = inference
         metrics[f"{reporting.PREFIX}/refreshes"] = float(engine.refreshes)
+        metrics[f"{reporting.PREFIX}/early_refreshes"] = float(engine.early_refreshes)
         metrics[f"{reporting.PREFIX}/skipped_steps"] = float(engine.skipped_steps)
         return metrics
 
@@ -224,6 +231,7 @@ class TopKASTCallback(Callback):
             {name: masked[name] for name in selection.masked},
             densities,
             update_interval=self.update_interval,
+            early_refresh=self.early_refresh,
             penalty=self.exploration_penalty,
             decoupled_penalty=self.decoupled_penalty,
             global_pool=global_pool,
@@ -316,11 +324,12 @@ class TopKASTCallback(Callback):
         params = dict(pl_module.named_parameters())
         return all(params.get(name) is t.param for name, t in self._require_engine().tensors.items())
 
-    def _record_turnover(self, moved: dict[str, tuple[int, int]]) -> None:
-        left, size = sum(m[0] for m in moved.values()), sum(m[1] for m in moved.values())
-        if size:
-            # weighted by |A|, the mean over refreshes is the fraction of all forward-set members that changed
-            self._turnover.update(torch.tensor(left / size, dtype=torch.float64), torch.tensor(float(size)))
+    def _record_turnover(self, moved: dict[str, tuple[Any, Any]]) -> None:
+        # weighted by |A|, the mean over refreshes is the fraction of all forward-set members that changed; counts
+        # are 0-dim tensors when the engine reads nothing back from the device (sync_free), and stay there
+        left = torch.as_tensor(sum(m[0] for m in moved.values()), dtype=torch.float64)
+        size = torch.as_tensor(sum(m[1] for m in moved.values()), dtype=torch.float64)
+        self._turnover.update(left / size.clamp_min(1), size)
 
     def _count_flops(self, pl_module: LightningModule) -> None:
         def record(module: nn.Module, args: Any, output: Any) -> None:
@@ -356,6 +365,7 @@ class TopKASTCallback(Callback):
             "forward_sparsity": self.forward_sparsity,
             "backward_sparsity": self.backward_sparsity,
             "update_interval": self.update_interval,
+            "early_refresh": self.early_refresh,
             "exploration_penalty": self.exploration_penalty,
             "decoupled_penalty": self.decoupled_penalty,
             "distribution": self.distribution,

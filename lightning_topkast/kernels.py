@@ -42,6 +42,7 @@ from torch import Tensor
 B_BIT, A_BIT, EVER_BIT = 1, 2, 4
 RUNGS = 16  # thresholds one counting pass evaluates
 
+_INFINITY = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000, torch.float64: 0x7FF << 52}
 _INT_OF = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
@@ -69,6 +70,18 @@ class FinishCounts(NamedTuple):
     backward_kept: int  # members of B at or above B's threshold
     backward_all: int  # entries at or above B's threshold
     explorers_above: int  # members of B \ A at or above A's threshold
+
+
+class Window(NamedTuple):
+    """What :meth:`Kernels.gather` finds for one window of scores ``[lo, hi)``."""
+
+    above: int  # entries scoring at least hi
+    count: int  # entries in the window; more than ``scores`` holds when over the cap
+    scores: Tensor  # int64 scores of the entries in the window, in index order (at most the cap)
+    index: Tensor  # their flat indices
+
+
+GATHER_CAP = 1 << 16  # entries a window returns at most
 
 
 class Kernels(Protocol):
@@ -100,6 +113,9 @@ class Kernels(Protocol):
     def count_at_least(self, theta: Tensor, rungs: Sequence[int]) -> list[int]:
         """For each of up to :data:`RUNGS` scores, the number of entries scoring at least that."""
 
+    def gather(self, theta: Tensor, windows: Sequence[tuple[int, int]]) -> list[Window]:
+        """For one or two windows of scores ``[lo, hi)``: the entries in each, and the count of those above."""
+
     def apply(
         self,
         theta: Tensor,
@@ -130,8 +146,9 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def infinity_score(dtype: torch.dtype) -> int:
-    """The score of ±inf, the largest a non-NaN value has."""
-    return int(torch.tensor(float("inf"), dtype=dtype).view(score_dtype(dtype)))
+    """The score of ±inf, the largest a non-NaN value has: its bits, all exponent bits set and none of the rest."""
+    score_dtype(dtype)  # the check
+    return _INFINITY[dtype]
 
 
 def mantissa_bits(dtype: torch.dtype) -> int:
@@ -239,6 +256,17 @@ class TorchKernels:
         s = scores(theta)
         return [int((s >= rung).sum()) for rung in rungs]
 
+    def gather(self, theta: Tensor, windows: Sequence[tuple[int, int]]) -> list[Window]:
+        """See :meth:`Kernels.gather`."""
+        s = scores(theta).long()
+        found = []
+        for lo, hi in windows:
+            index = torch.nonzero((s >= lo) & (s < hi)).flatten()
+            count = index.numel()
+            index = index[:GATHER_CAP]
+            found.append(Window(int((s >= hi).sum()), count, s[index], index))
+        return found
+
     def apply(
         self,
         theta: Tensor,
@@ -308,6 +336,10 @@ class CKernels:
             library, f"topkast_apply_{suffix}", [_c_int64, *[_ptr] * 3, *[_c_int64] * 4, *[_ptr] * 3, _c_int32, _ptr]
         )
         self._keep = _function(library, f"topkast_keep_{suffix}", [_c_int64, _ptr, _ptr, _c_int32])
+        self._gather = _function(
+            library, f"topkast_gather_{suffix}", [*[_c_int64] * 1, _ptr, *[_c_int64] * 5, *[_ptr] * 6]
+        )
+        self._found = torch.empty(4, GATHER_CAP, dtype=torch.int64)  # scores and indices of two windows
         self._out = torch.zeros(RUNGS, dtype=torch.int64)  # counts come back here
         self._rungs = torch.zeros(RUNGS, dtype=torch.int64)
 
@@ -342,6 +374,23 @@ class CKernels:
         self._rungs.copy_(torch.tensor(padded, dtype=torch.int64))
         self._count(theta.numel(), _p(theta), _p(self._rungs), _p(self._out))
         return self._out[: len(rungs)].tolist()
+
+    def gather(self, theta: Tensor, windows: Sequence[tuple[int, int]]) -> list[Window]:
+        """See :meth:`Kernels.gather`."""
+        if not 1 <= len(windows) <= 2:
+            raise ValueError(f"gather takes one or two windows, got {len(windows)}")
+        n = theta.numel()
+        (lo0, hi0), (lo1, hi1) = windows[0], windows[-1]
+        blocks = torch.empty(2 * (n // 64 + 1), dtype=torch.int64)
+        found = self._found
+        cap = min(GATHER_CAP, found.shape[1])
+        self._gather(n, _p(theta), lo0, hi0, lo1, hi1, cap, *(_p(row) for row in found), _p(blocks), _p(self._out))
+        above0, count0, above1, count1 = self._out[:4].tolist()
+        windows_found = [(above0, count0, 0), (above1, count1, 2)][: len(windows)]
+        return [
+            Window(above, count, found[row, : min(count, cap)].clone(), found[row + 1, : min(count, cap)].clone())
+            for above, count, row in windows_found
+        ]
 
     def apply(
         self,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_topkast.kernels import Threshold
+from lightning_topkast.kernels import GATHER_CAP, Threshold, Window
 
 
 def count(density: float, numel: int) -> int:
@@ -79,9 +79,10 @@ def top_mask(scores: Tensor, k: int, sample: Tensor | None = None) -> Tensor:
 
 
 def kth_and_split(scores: Tensor, k: int, sample: Tensor | None = None) -> tuple[Tensor, int]:
-    """The ``k``-th largest of flat, NaN-free ``scores`` and the split of its ties (``1 <= k <= numel``).
+    """The ``k``-th largest of flat, NaN-free ``scores`` and one past its index (``1 <= k <= numel``).
 
-    The top ``k`` are the scores above the value and those equal to it at an index below the split.
+    Of the entries equal to the value, those below the split are in the top ``k``: the split is one past the
+    ``k``-th entry of the stable descending order, so the pair names that entry.
 
     Examples:
         >>> value, split = kth_and_split(torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0]), 3)
@@ -89,17 +90,15 @@ def kth_and_split(scores: Tensor, k: int, sample: Tensor | None = None) -> tuple
         (2.0, 3)
     """
     value = kth_largest(scores, k, sample)
-    ties = scores == value
-    wanted = k - int(torch.count_nonzero(scores > value))  # >= 1: the k-th itself is a tie
-    if wanted == int(torch.count_nonzero(ties)):
-        return value, scores.numel()
-    return value, int(torch.nonzero(ties)[wanted - 1]) + 1
+    wanted = k - int(torch.count_nonzero(scores > value))  # >= 1: the k-th itself equals the value
+    return value, int(torch.nonzero(scores == value)[wanted - 1]) + 1
 
 
 def threshold(scores: Tensor, k: int, offset: int = 0) -> Threshold:
     """The :class:`Threshold` of the top ``k`` of integer ``scores`` (:func:`lightning_topkast.kernels.scores`).
 
-    ``offset`` is the index of the first score in a global pool, so the split is a global index.
+    The threshold names the ``k``-th entry itself: its score, and one past its index. ``offset`` is the index of the
+    first score in a global pool, so the split is a global index.
 
     Examples:
         >>> threshold(torch.tensor([10, 30, 20, 30, 20]), 3)
@@ -233,59 +232,87 @@ class CountAtLeast:
 
 
 @dataclass(frozen=True)
-class TieSplit:
-    """A query of :func:`search_threshold`: the split that takes the first ``wanted`` entries scoring ``score``."""
+class Gather:
+    """A query of :func:`search_threshold`: the entries scoring in ``[lo, hi)``.
 
-    score: int
-    wanted: int
+    Answered with a :class:`~lightning_topkast.kernels.Window`, its indices global.
+    """
+
+    lo: int
+    hi: int
 
 
-Query = CountAtLeast | TieSplit
-Search = Generator[Query, "list[int] | int", "Threshold | None"]
+Query = CountAtLeast | Gather
+Found = tuple[Threshold, float | None]
+Search = Generator[Query, "list[int] | Window", "Found | None"]
 
 RUNGS_PER_SEARCH = 8  # two searches (A and B) share a 16-rung counting pass
 MAX_PASSES = 8  # beyond this many counting passes, a full selection is cheaper
 
 
-def search_threshold(k: int, previous: Threshold, at_previous: int, size: int, mantissa: int, top: int) -> Search:
+def search_threshold(
+    k: int, previous: Threshold, at_previous: int, size: int, mantissa: int, top: int, spacing: float | None
+) -> Search:
     """Find the :class:`Threshold` of the top ``k`` of ``size`` scores near the ``previous`` one, exactly.
 
-    A generator: it yields queries (:class:`CountAtLeast`, answered with the counts; :class:`TieSplit`, answered
-    with the split) and returns the threshold, or None when a full selection is cheaper. ``at_previous`` is how
-    many scores are at or above ``previous`` now; ``mantissa`` the significand bits of θ's dtype (a score step of
-    ``2 ** mantissa`` doubles |θ|); ``top`` the largest score (that of inf).
+    A generator: it yields queries (:class:`CountAtLeast`, answered with the counts; :class:`Gather`, answered with
+    a :class:`~lightning_topkast.kernels.Window`) and returns ``(threshold, spacing)``, or None when a full
+    selection is cheaper. The threshold names the ``k``-th entry, as :func:`threshold` does, unless
+    ``at_previous``, the count of scores at or above ``previous`` now, is already ``k``: then ``previous`` still
+    splits the top ``k`` off and is returned. ``mantissa`` is the significand bits of θ's dtype; ``top`` the
+    largest score (that of inf); ``spacing`` the score units per entry near the threshold, measured at the last
+    search (None: unknown).
 
-    Let F(x) count the scores >= x. The answer is the largest x with F(x) >= k, cut within its ties. The first
-    pass counts at a ladder of scores away from the previous threshold, relative steps from 2^-12 up to the end of
-    the range, which brackets it; each further pass counts at scores inside the bracket, evenly spaced and
-    clustered where linear interpolation of F puts k, until some F(x) is exactly k or the bracket is one score
-    wide (a tie).
+    Let F(x) count the scores >= x; F(previous) moved from ``k`` to ``at_previous``. With a spacing, one gather
+    around the score where F should now be ``k`` finds the ``k``-th entry. Otherwise, or if it misses, a pass counts
+    at a ladder of scores away from ``previous`` (relative steps 2^-20 to 2^-5, then the end of the range) to
+    bracket it, further passes narrow the bracket until it holds at most
+    :data:`~lightning_topkast.kernels.GATHER_CAP` entries, and a gather picks the entry.
     """
     if at_previous == k:
-        return previous
+        return previous, spacing
     if k <= 0 or k >= size:
-        return Threshold(top + 1, 0) if k <= 0 else Threshold(-1, size)
-    t = previous.score
-    steps = sorted({1 << max(0, mantissa - 12 + 2 * i) for i in range(RUNGS_PER_SEARCH - 2)})
-    if at_previous > k:  # F(t) >= at_previous > k: the answer is at or above t
-        rungs = [t, *(min(t + step, top + 1) for step in steps), top + 1]
-    else:  # F(t + 1) <= at_previous < k: the answer is below t + 1
-        rungs = [t + 1, *(max(t + 1 - step, -1) for step in steps), -1]
-    counts = yield CountAtLeast(sorted(set(rungs)))
-    known = dict(zip(sorted(set(rungs)), counts, strict=True))
+        return Threshold(top + 1, 0) if k <= 0 else Threshold(-1, size), spacing
+    t, moved = previous.score, at_previous - k  # > 0: the k-th entry now scores above t
+    known: dict[int, int] = {}  # F at scores counted so far
+    if spacing:
+        margin = 0.3 * abs(moved) + 4 * math.sqrt(abs(moved)) + 16  # entries; the guess is rarely off by more
+        lo = max(-1, math.floor(t + (moved - margin) * spacing))
+        hi = min(top + 1, math.ceil(t + (moved + margin) * spacing) + 1)
+        window = yield Gather(lo, hi)
+        found = _pick(k, lo, hi, window)
+        if found is not None:
+            return found
+        known.update({hi: window.above, lo: window.above + window.count})
+    steps = sorted({1 << max(0, mantissa - 20 + 3 * i) for i in range(RUNGS_PER_SEARCH - 2)})
+    if moved > 0:  # F(t) >= at_previous > k: the k-th entry scores at or above t
+        ladder = [t, *(min(t + step, top + 1) for step in steps), top + 1]
+    else:  # F(t + 1) <= at_previous < k: it scores below t + 1
+        ladder = [t + 1, *(max(t + 1 - step, -1) for step in steps), -1]
+    rungs = sorted(set(ladder) - known.keys())
+    known.update(zip(rungs, (yield CountAtLeast(rungs)), strict=True))
     for _ in range(MAX_PASSES):
-        exact = [x for x, f in known.items() if f == k]
-        if exact:
-            return Threshold(max(exact), size)  # F(x) == k: the scores >= x are exactly the top k
-        lo = max(x for x, f in known.items() if f > k)
+        lo = max(x for x, f in known.items() if f >= k)  # F(lo) >= k > F(hi): the k-th entry is in [lo, hi)
         hi = min(x for x, f in known.items() if f < k)
-        if hi == lo + 1:  # every score in the bracket is lo: a tie to cut
-            wanted = k - known[hi]
-            return Threshold(lo, (yield TieSplit(lo, wanted)))
+        if known[lo] - known[hi] <= GATHER_CAP:
+            return _pick(k, lo, hi, (yield Gather(lo, hi)))
+        if hi == lo + 1:
+            return None  # more ties at one score than a gather holds
         rungs = _rungs_inside(lo, hi, known[lo], known[hi], k)
-        counts = yield CountAtLeast(rungs)
-        known.update(zip(rungs, counts, strict=True))
+        known.update(zip(rungs, (yield CountAtLeast(rungs)), strict=True))
     return None
+
+
+def _pick(k: int, lo: int, hi: int, window: Window) -> Found | None:
+    """The ``k``-th entry when ``window`` (all of ``[lo, hi)``) holds it: ``(threshold, spacing)``, else None."""
+    wanted = k - window.above  # its rank among the window's entries
+    if not 1 <= wanted <= window.count or window.count > window.scores.numel():
+        return None
+    value = torch.kthvalue(window.scores, window.count - wanted + 1).values
+    # among the entries scoring `value`, listed by index as the window lists them, take as many as still wanted
+    ties = torch.nonzero(window.scores == value).flatten()
+    entry = int(ties[wanted - int(torch.count_nonzero(window.scores > value)) - 1])
+    return Threshold(int(value), int(window.index[entry]) + 1), (hi - lo) / window.count
 
 
 def _rungs_inside(lo: int, hi: int, f_lo: int, f_hi: int, k: int) -> list[int]:
@@ -296,57 +323,45 @@ def _rungs_inside(lo: int, hi: int, f_lo: int, f_hi: int, k: int) -> list[int]:
     width, half = hi - lo, RUNGS_PER_SEARCH // 2
     even = {lo + width * (i + 1) // (half + 1) for i in range(half)}
     guess = lo + width * (f_lo - k) / (f_lo - f_hi)
-    per_entry = width / (f_lo - f_hi)  # scores per entry, were F linear in the bracket
-    near = {round(guess + sign * per_entry * 4**i) for i in range(half // 2) for sign in (-1, 1)}
+    spread = width / (f_lo - f_hi) * GATHER_CAP / 4  # a quarter of what one gather takes, in score units
+    near = {round(guess + sign * spread * 4**-i) for i in range(half // 2) for sign in (-1, 1)}
     return sorted(x for x in even | near if lo < x < hi)[:RUNGS_PER_SEARCH]
 
 
 def search_thresholds(
     searches: Sequence[Search],
     count_at_least: Callable[[list[int]], list[int]],
-    tie_split: Callable[[int, int], int],
-) -> list[Threshold | None]:
-    """Run :func:`search_threshold` generators together: their rungs share one counting pass per round.
+    gather: Callable[[list[tuple[int, int]]], list[Window]],
+) -> list[Found | None]:
+    """Run :func:`search_threshold` generators together, each round's queries answered in one pass.
 
-    ``count_at_least(rungs)`` counts the scores at or above each rung (one pass); ``tie_split(score, wanted)``
-    returns the split that takes the first ``wanted`` entries scoring ``score``.
+    ``count_at_least(rungs)`` counts the scores at or above each rung; ``gather(windows)`` returns a
+    :class:`~lightning_topkast.kernels.Window` per ``(lo, hi)``, with global indices.
     """
-    results: list[Threshold | None] = [None] * len(searches)
+    results: list[Found | None] = [None] * len(searches)
     pending: dict[int, Query] = {}
-    for i, search in enumerate(searches):
+
+    def advance(i: int, answer: object) -> None:
         try:
-            pending[i] = next(search)
+            pending[i] = searches[i].send(answer)  # type: ignore[arg-type]
         except StopIteration as done:
             results[i] = done.value
+
+    for i in range(len(searches)):
+        advance(i, None)
     while pending:
-        answers: dict[int, list[int] | int] = {}
-        rungs = {i: q.rungs for i, q in pending.items() if isinstance(q, CountAtLeast)}
+        asked, answers = dict(pending), {}
+        pending.clear()
+        rungs = {i: q.rungs for i, q in asked.items() if isinstance(q, CountAtLeast)}
         if rungs:
-            counts = count_at_least([x for r in rungs.values() for x in r])
-            start = 0
-            for i, r in rungs.items():
-                answers[i], start = counts[start : start + len(r)], start + len(r)
-        for i, q in pending.items():
-            if isinstance(q, TieSplit):
-                answers[i] = tie_split(q.score, q.wanted)
-        pending = {}
+            counts = iter(count_at_least([x for r in rungs.values() for x in r]))
+            answers.update({i: [next(counts) for _ in r] for i, r in rungs.items()})
+        windows = {i: (q.lo, q.hi) for i, q in asked.items() if isinstance(q, Gather)}
+        if windows:
+            answers.update(zip(windows, gather(list(windows.values())), strict=True))
         for i, answer in answers.items():
-            try:
-                pending[i] = searches[i].send(answer)
-            except StopIteration as done:
-                results[i] = done.value
+            advance(i, answer)
     return results
-
-
-def tie_split(scores: Tensor, score: int, wanted: int, offset: int = 0) -> tuple[int, int]:
-    """``(split, left)``: where the first ``wanted`` entries of ``scores`` equal to ``score`` end, and how many remain.
-
-    The split is a global index (``offset`` is the first score's), past the end when there are too few ties here.
-    """
-    ties = torch.nonzero(scores == score).flatten()
-    if ties.numel() >= wanted:
-        return offset + int(ties[wanted - 1]) + 1, 0
-    return offset + scores.numel(), wanted - ties.numel()
 
 
 def threshold_tensors(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -117,6 +118,7 @@ class _Unit:
     forward: Any = None  # thresholds of the last refresh: Threshold, or two 0-dim tensors without host syncs
     backward: Any = None
     since_refresh: int = 0
+    spacing: tuple[float | None, float | None] = (None, None)  # score units per entry near A's and B's thresholds
     early_flag: Tensor | None = None  # without host syncs: the early-refresh test of the last step, read one late
 
     @property
@@ -388,15 +390,17 @@ class TopKAST:
         dtype = unit.tensors[0].theta.dtype
         mantissa, top = kernels.mantissa_bits(dtype), kernels.infinity_score(dtype)
         searches = [
-            selection.search_threshold(unit.forward_k, unit.forward, counts.forward_all, unit.size, mantissa, top),
-            selection.search_threshold(unit.backward_k, unit.backward, counts.backward_all, unit.size, mantissa, top),
+            selection.search_threshold(k, previous, at_previous, unit.size, mantissa, top, spacing)
+            for k, previous, at_previous, spacing in (
+                (unit.forward_k, unit.forward, counts.forward_all, unit.spacing[0]),
+                (unit.backward_k, unit.backward, counts.backward_all, unit.spacing[1]),
+            )
         ]
-        found = selection.search_thresholds(
-            searches, lambda rungs: _count_at_least(unit, rungs), lambda s, w: _tie_split(unit, s, w)
-        )
+        found = selection.search_thresholds(searches, partial(_count_at_least, unit), partial(_gather, unit))
         if None in found:
             return self._select(unit, sizes)
-        unit.forward, unit.backward = found
+        (unit.forward, forward_spacing), (unit.backward, backward_spacing) = found  # type: ignore[misc]
+        unit.spacing = (forward_spacing, backward_spacing)
         return self._apply(unit, sizes)
 
     def _select(self, unit: _Unit, sizes: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
@@ -574,12 +578,17 @@ def _count_at_least(unit: _Unit, rungs: list[int]) -> list[int]:
     return totals
 
 
-def _tie_split(unit: _Unit, score: int, wanted: int) -> int:
-    for offset, tensor in zip(unit.offsets, unit.tensors, strict=True):
-        split, wanted = selection.tie_split(kernels.scores(tensor.theta), score, wanted, offset)
-        if wanted == 0:
-            return split
-    return unit.size
+def _gather(unit: _Unit, windows: list[tuple[int, int]]) -> list[kernels.Window]:
+    parts = [t.kernels.gather(t.theta, windows) for t in unit.tensors]
+    return [
+        kernels.Window(
+            sum(p[w].above for p in parts),
+            sum(p[w].count for p in parts),
+            torch.cat([p[w].scores for p in parts]),
+            torch.cat([p[w].index + offset for p, offset in zip(parts, unit.offsets, strict=True)]),
+        )
+        for w in range(len(windows))
+    ]
 
 
 def _add(total: Any, counts: Any) -> Any:

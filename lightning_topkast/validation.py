@@ -65,6 +65,15 @@ def fraction(argument: str, value: Any, upper: float, closed: bool = True) -> fl
     return float(value)
 
 
+def optional_fraction(argument: str, value: Any) -> float | None:
+    """A number in ``[0, 1]``, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"TopKASTCallback({argument}={value!r}): must be a number in [0, 1], or None to turn it off")
+    return float(value)
+
+
 def choice(argument: str, value: Any, choices: tuple[str, ...]) -> str:
     """One of ``choices``."""
     if value not in choices:

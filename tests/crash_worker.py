@@ -89,11 +89,18 @@ class PauseForKill(L.Callback):
 
 
 def run(
-    out: Path, update_interval: int, optimizer: str, pause_at: int | None = None, resume: Path | None = None
+    out: Path,
+    update_interval: int,
+    optimizer: str,
+    pause_at: int | None = None,
+    resume: Path | None = None,
+    early_refresh: float | None = None,
 ) -> dict[str, Any]:
     """Train to ``STEPS`` (or until killed at ``pause_at``) and return what the test compares."""
     L.seed_everything(0 if resume is None else 123, verbose=False)  # a resumed run must not rely on its init
-    callback = TopKASTCallback(update_interval=update_interval, verbose=False) if update_interval else None
+    callback = None
+    if update_interval:
+        callback = TopKASTCallback(update_interval=update_interval, early_refresh=early_refresh, verbose=False)
     recorder = StartRecorder(callback)
     saver = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=CHECKPOINT_EVERY, save_last=True)
     # after TopKASTCallback: the kill lands with θ on B written into the parameters
@@ -117,8 +124,9 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--pause-at", type=int)
     parser.add_argument("--resume", type=Path)
+    parser.add_argument("--early-refresh", type=float)
     args = parser.parse_args()
-    result = run(args.out, args.update_interval, args.optimizer, args.pause_at, args.resume)
+    result = run(args.out, args.update_interval, args.optimizer, args.pause_at, args.resume, args.early_refresh)
     torch.save(result, args.out / "final.pt")
 
 

@@ -113,10 +113,12 @@ def _kill_step(update_interval: int) -> int:
     return random.Random(4).choice(candidates)
 
 
-CASES = {
-    "baseline-without-callback": (0, "sgd"),
-    "update_interval=1-adamw": (1, "adamw"),
-    "update_interval=3-sgd": (3, "sgd"),
+CASES = {  # update_interval (0: no callback), optimizer, early_refresh
+    "baseline-without-callback": (0, "sgd", None),
+    "update_interval=1-adamw": (1, "adamw", None),
+    "update_interval=3-sgd": (3, "sgd", None),
+    # at most 16 steps apart, so every refresh is an early one, decided by θ alone
+    "early_refresh-sgd": (16, "sgd", 0.0),
 }
 
 
@@ -128,11 +130,20 @@ def crashed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, d
     time spent importing Lightning.
     """
     root = tmp_path_factory.mktemp("crash")
-    args = {case: ("--update-interval", str(ui), "--optimizer", opt) for case, (ui, opt) in CASES.items()}
+    args = {
+        case: (
+            "--update-interval",
+            str(ui),
+            "--optimizer",
+            opt,
+            *(("--early-refresh", str(e)) if e is not None else ()),
+        )
+        for case, (ui, opt, e) in CASES.items()
+    }
     started: list[subprocess.Popen[bytes]] = []
     try:
-        for case, (update_interval, _) in CASES.items():
-            pause = ("--pause-at", str(_kill_step(update_interval)))
+        for case, (update_interval, _, early_refresh) in CASES.items():
+            pause = ("--pause-at", str(_kill_step(3 if early_refresh is not None else update_interval)))
             started.append(_spawn(root / case / "killed", *args[case], *pause))
         results = {
             case: {"killed_at": _kill_when_paused(proc, root / case / "killed")}
@@ -156,15 +167,15 @@ def crashed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, d
 def test_sigkill_mid_step_then_resume_from_last_checkpoint_is_bit_exact(
     tmp_path: Path, crashed_and_resumed: dict[str, dict[str, Any]], case: str
 ) -> None:
-    update_interval, optimizer = CASES[case]
+    update_interval, optimizer, early_refresh = CASES[case]
     result = crashed_and_resumed[case]
     kill_at, resumed = result["killed_at"], result["resumed"]
-    assert kill_at == _kill_step(update_interval)
+    assert kill_at == _kill_step(3 if early_refresh is not None else update_interval)
     checkpointed = kill_at // CHECKPOINT_EVERY * CHECKPOINT_EVERY
     checkpoint = torch.load(result["last"], weights_only=True)
     assert checkpoint["global_step"] == checkpointed
     # the uninterrupted run, in this process: the worker's code with the same seed and one thread
-    reference = run(tmp_path, update_interval, optimizer)
+    reference = run(tmp_path, update_interval, optimizer, early_refresh=early_refresh)
 
     assert reference["start"]["step"] == 0
     assert resumed["start"]["step"] == checkpointed
@@ -176,6 +187,10 @@ def test_sigkill_mid_step_then_resume_from_last_checkpoint_is_bit_exact(
     assert len(resumed["optimizer"]["state"]) == 6
     if not update_interval:
         assert reference["topkast"] is None
+        return
+    if early_refresh is not None:  # refreshes at steps that θ chose, the same ones after the kill and resume
+        saved = checkpoint["callbacks"]["TopKASTCallback"]
+        assert 0 < saved["early_refreshes"] == saved["refreshes"] < resumed["topkast"]["early_refreshes"] < STEPS
         return
     # the kill lost at least one refresh, which the resumed process redid from the checkpointed θ
     assert checkpoint["callbacks"]["TopKASTCallback"]["refreshes"] == checkpointed // update_interval
@@ -212,7 +227,7 @@ class SaveInsideStep(L.Callback):
 def _fit_inside(root: Path, order: str | None, ckpt_path: Path | None = None) -> dict[str, Any]:
     """Fit ``INSIDE_STEPS`` steps; ``order`` places the saver before or after the callback, None saves nothing."""
     L.seed_everything(0 if ckpt_path is None else 123, verbose=False)
-    topkast = TopKASTCallback(update_interval=INSIDE_INTERVAL, verbose=False)
+    topkast = TopKASTCallback(update_interval=INSIDE_INTERVAL, early_refresh=None, verbose=False)
     callbacks: list[L.Callback] = [topkast]
     if order is not None:
         saver = SaveInsideStep(root / "ckpt")

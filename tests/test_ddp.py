@@ -125,7 +125,14 @@ class RefreshLog(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         final = {f"param/{name}": p.detach().clone() for name, p in pl_module.named_parameters()}
         final.update(self._sets())
-        payload = {"gathered": self.gathered, "refreshes": self.refreshes, "batches": self.batches, "final": final}
+        engine = self._engine()
+        payload = {
+            "gathered": self.gathered,
+            "refreshes": self.refreshes,
+            "batches": self.batches,
+            "final": final,
+            "counters": [engine.refreshes, engine.early_refreshes],
+        }
         torch.save(payload, self.out / f"{self.prefix}{trainer.global_rank}.pt")
 
     def _engine(self) -> TopKAST:
@@ -199,6 +206,21 @@ def main(out: Path, mode: str) -> None:
 
     if mode == "equivalence":
         fit_global_batch(out, devices=2, prefix="equivalence-rank")
+        return
+    if mode == "early":
+        # refreshes only when a rank's θ says so: the early-refresh test runs on each rank without communication
+        L.seed_everything(int(os.environ.get("LOCAL_RANK", "0")), verbose=False)
+        topkast = TopKASTCallback(
+            forward_sparsity=FORWARD_SPARSITY,
+            backward_sparsity=BACKWARD_SPARSITY,
+            update_interval=EPOCHS * STEPS_PER_EPOCH,
+            early_refresh=0.0,
+            verbose=False,
+        )
+        trainer = make_trainer(
+            out, [topkast, RefreshLog(topkast, out, "early-rank")], devices=2, strategy="ddp", max_epochs=EPOCHS
+        )
+        trainer.fit(MLP(lr=0.5), make_loader(n=SAMPLES, batch_size=BATCH_SIZE))
         return
     # Different initial weights on each rank: identical masks must come from the weights DDP broadcasts at setup
     # and the all-reduced gradients, not from identical seeds.
@@ -309,6 +331,20 @@ def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path: Path) 
             smallest_gap = min(smallest_gap, *(_boundary_gap(alone[f"theta/{name}"], k) for k in sizes))
     # no magnitude tie within rounding at any refresh, so exact mask equality is what correct DDP must give
     assert smallest_gap > 10 * largest_difference
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_agree_on_every_early_refresh(tmp_path: Path) -> None:
+    """The early-refresh test reads θ only: each rank decides alone, and both refresh at the same steps."""
+    _run_ranks(tmp_path, "early")
+    ranks = [torch.load(tmp_path / f"early-rank{r}.pt", weights_only=True) for r in range(2)]
+    refreshes, early = ranks[0]["counters"]
+    assert ranks[1]["counters"] == [refreshes, early]
+    assert 0 < early == refreshes < EPOCHS * STEPS_PER_EPOCH  # the rule chose the steps, and not all of them
+    assert len(ranks[0]["gathered"]) == len(ranks[1]["gathered"]) == refreshes
+    for gathered in ranks[0]["gathered"] + ranks[1]["gathered"]:
+        assert gathered[0] == gathered[1]  # both ranks' masks at that refresh, gathered by both
+    assert ranks[0]["gathered"] == ranks[1]["gathered"]
 
 
 def _boundary_gap(theta: torch.Tensor, k: int) -> float:

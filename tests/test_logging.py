@@ -46,6 +46,7 @@ EXACT_KEYS = [
     "train_flops_fraction",
     "inference_flops_fraction",
     "refreshes",
+    "early_refreshes",
     "skipped_steps",
 ]
 PER_TENSOR_KEYS = ["forward_density", "forward_density_target", "backward_density", "backward_density_target"]
@@ -115,6 +116,7 @@ class Expected(L.Callback):
             "backward_density_target": 1 - BACKWARD_SPARSITY,
             "exploration": Fraction(sum(int(e.sum()) for e in self._ever.values()), numel),
             "refreshes": self._initial_refreshes + steps // self.topkast.update_interval,
+            "early_refreshes": 0,
             "skipped_steps": 0,
             "penalty": sum(
                 _penalty(t.theta, t.forward_set, t.backward_set, t.forward_density) for t in tensors.values()
@@ -149,6 +151,7 @@ def fit(tmp_path: Path, logger: Any, update_interval: int, log_every_n_steps: in
         forward_sparsity=FORWARD_SPARSITY,
         backward_sparsity=BACKWARD_SPARSITY,
         update_interval=update_interval,
+        early_refresh=None,  # the fixed schedule the expectations count on
         exploration_penalty=PENALTY,
         log_per_tensor=log_per_tensor,
         verbose=False,

@@ -15,8 +15,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_topkast import kernels
+from lightning_topkast import selection as selection_module
 from lightning_topkast.distributions import DISTRIBUTIONS, forward_backward_densities
-from lightning_topkast.selection import count, forward_backward_sets, global_forward_backward_sets
+from lightning_topkast.kernels import Threshold
+from lightning_topkast.selection import (
+    count,
+    forward_backward_sets,
+    global_forward_backward_sets,
+    search_threshold,
+    search_thresholds,
+    threshold,
+)
 from lightning_topkast.state import TopKAST
 
 PROPERTY = settings(max_examples=60, deadline=None)
@@ -208,3 +218,108 @@ def test_engine_keeps_the_budget_up_to_rounding(
         assert abs(kept_b - dm * total) <= slack
     for t in engine.tensors.values():
         assert torch.equal(t.param.detach(), torch.where(t.forward_set, t.theta, 0))
+
+
+# --- the incremental refresh ----------------------------------------------------------------------------------------
+
+
+def _search(theta: torch.Tensor, k: int, previous: Threshold, spacing: float | None) -> Threshold | None:
+    """One :func:`search_threshold` over ``theta``, its queries answered by the kernels over all of it."""
+    work = kernels.for_tensor(theta)
+    scores = kernels.scores(theta)
+    at_previous = int(kernels.at_least(scores, previous).sum())
+    mantissa, top = kernels.mantissa_bits(theta.dtype), kernels.infinity_score(theta.dtype)
+    search = search_threshold(k, previous, at_previous, theta.numel(), mantissa, top, spacing)
+    (found,) = search_thresholds([search], lambda r: work.count_at_least(theta, r), lambda w: work.gather(theta, w))
+    return None if found is None else found[0]
+
+
+@PROPERTY
+@given(
+    theta=tensors(),
+    d=densities,
+    moves=st.lists(st.tuples(st.integers(0, 2**31 - 1), st.sampled_from([1e-3, 0.1, 10.0]), st.booleans()), max_size=4),
+    spacing=st.sampled_from([None, 1.0, 1e3, 1e6]),
+    cap=st.sampled_from([kernels.GATHER_CAP, 3]),
+)
+def test_incremental_refresh_equals_the_full_stable_top_k(
+    theta: torch.Tensor, d: float, moves: list, spacing: float | None, cap: int
+) -> None:
+    """After any sequence of changes to θ, the search from the last threshold finds the stable top-k exactly.
+
+    Steps move a random part of θ by a random relative amount, sometimes into NaN or inf; a small gather cap
+    forces the narrowing passes and the fallback to a full selection.
+    """
+    flat = theta.flatten().clone()
+    n, k = flat.numel(), count(d, flat.numel())
+    previous = threshold(kernels.scores(flat), k)
+    original_cap = kernels.GATHER_CAP
+    selection_module.GATHER_CAP = cap
+    try:
+        for seed, scale, poison in moves:
+            g = torch.Generator().manual_seed(seed)
+            moving = torch.rand(n, generator=g) < 0.5
+            step = (torch.randn(n, generator=g, dtype=torch.float64) * scale).to(flat.dtype)
+            flat = torch.where(moving, flat + step * flat.abs().clamp_min(1e-3).to(flat.dtype), flat)
+            if poison:
+                flat[int(torch.randint(0, n, (1,), generator=g))] = torch.tensor([NAN, INF][seed % 2], dtype=flat.dtype)
+            found = _search(flat, k, previous, spacing)
+            expected, _ = reference_sets(flat, d, d)
+            if found is None:  # the engine selects in full then
+                found = threshold(kernels.scores(flat), k)
+            assert flat_indices(kernels.at_least(kernels.scores(flat), found)) == expected
+            previous = found
+    finally:
+        selection_module.GATHER_CAP = original_cap
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=2).map(tuple), min_size=1, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    d=st.floats(0.01, 1.0),
+    m=st.floats(0.01, 1.0),
+    pool=st.booleans(),
+    early=st.sampled_from([None, 0.0, 0.05]),
+    interval=st.sampled_from([1, 2, 7]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_engine_sets_equal_the_full_select_after_every_refresh(
+    shapes: list, dtype: torch.dtype, d: float, m: float, pool: bool, early: float | None, interval: int, seed: int
+) -> None:
+    """Random steps through the engine (SGD with momentum, NaN gradients now and then): whenever a refresh ran, A and
+    B are the stable top-k of θ, per tensor or over the global pool."""
+    d, dm = sorted((d, m))
+    g = torch.Generator().manual_seed(seed)
+    params = {f"t{i}": torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for i, s in enumerate(shapes)}
+    names = list(params)
+    engine = TopKAST(
+        params,
+        dict.fromkeys(names, (d, dm)),
+        update_interval=interval,
+        early_refresh=early,
+        global_pool=names if pool else (),
+        penalty=1e-3,
+    )
+    opt = torch.optim.SGD(params.values(), lr=0.5, momentum=0.9)
+    engine.attach([opt])
+    for step in range(12):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            if step % 5 == 4:
+                p.grad.view(-1)[0] = NAN
+        refreshes = engine.refreshes
+        engine.before_step(opt)
+        opt.step()
+        thetas = [engine.tensors[n].theta for n in names]
+        sets = (
+            global_forward_backward_sets(thetas, d, dm) if pool else [forward_backward_sets(t, d, dm) for t in thetas]
+        )
+        for name, (a, b) in zip(names, sets, strict=True):
+            if engine.refreshes > refreshes and engine._unit_of[name].since_refresh == 0:  # refreshed in this step
+                assert torch.equal(engine.tensors[name].forward_set, a), (step, name)
+                assert torch.equal(engine.tensors[name].backward_set, b), (step, name)
+        for name in names:
+            t = engine.tensors[name]
+            alpha = torch.where(t.forward_set, t.theta, 0)
+            assert torch.equal(t.param.detach().view(torch.uint8), alpha.view(torch.uint8))  # NaN included

@@ -55,7 +55,7 @@ def _fit(
 
 
 def _callback() -> TopKASTCallback:
-    return TopKASTCallback(update_interval=3, verbose=False)
+    return TopKASTCallback(update_interval=3, early_refresh=None, verbose=False)
 
 
 def _state(model: torch.nn.Module) -> dict[str, Tensor]:

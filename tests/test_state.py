@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_topkast import kernels
 from lightning_topkast.selection import count, global_forward_backward_sets
@@ -598,3 +599,126 @@ def test_compiled_kernels_default_to_cpu_fp32_and_fp64_tensors() -> None:
     assert all(isinstance(t.kernels, kernels.CKernels) for t in engine.tensors.values())
     _, engine, _ = setup(compiled=False)
     assert all(isinstance(t.kernels, kernels.TorchKernels) for t in engine.tensors.values())
+
+
+# --- refresh schedule: the longest gap, and early refreshes -----------------------------------------------------------
+
+
+def _explorer_step(engine: TopKAST, opt: torch.optim.Optimizer, name: str, grow: int) -> None:
+    """One step whose gradient pushes ``grow`` members of B \\ A past the largest weight of A, and nothing else."""
+    t = engine.tensors[name]
+    exploring = (t.backward_set & ~t.forward_set).flatten().nonzero().flatten()[:grow]
+    target = t.theta.abs().max() * 2
+    for p in engine._optimizers[0].param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    grad = t.param.grad.view(-1)
+    grad[exploring] = (t.theta.view(-1)[exploring] - target * t.theta.view(-1)[exploring].sign()) / 0.5  # lr 0.5
+    engine.before_step(opt)
+    opt.step()
+
+
+def test_update_interval_is_the_longest_gap_and_early_refresh_fires_on_explorers() -> None:
+    model = make_model(hidden=40)
+    names = {"0.weight": (0.25, 0.75)}
+    engine = TopKAST(masked_params(model, names), names, update_interval=10, penalty=0.0, early_refresh=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine.attach([opt])
+    k = engine.units[0].forward_k  # 40 of 160: 5% is 2 explorers
+    assert k == 40
+    _explorer_step(engine, opt, "0.weight", grow=1)  # one explorer above A: below 5% of |A|
+    assert (engine.refreshes, engine.early_refreshes) == (0, 0)
+    _explorer_step(engine, opt, "0.weight", grow=2)  # two: a refresh now, five steps before the interval
+    assert (engine.refreshes, engine.early_refreshes) == (1, 1)
+    assert engine.units[0].since_refresh == 0
+    for _ in range(9):
+        _explorer_step(engine, opt, "0.weight", grow=0)
+    assert (engine.refreshes, engine.early_refreshes) == (1, 1)
+    _explorer_step(engine, opt, "0.weight", grow=0)  # ten steps after the last refresh: the interval is up
+    assert (engine.refreshes, engine.early_refreshes) == (2, 1)
+    assert_holds_alpha(engine)
+
+
+def test_without_early_refresh_the_interval_alone_decides() -> None:
+    model = make_model(hidden=40)
+    names = {"0.weight": (0.25, 0.75)}
+    engine = TopKAST(masked_params(model, names), names, update_interval=3, penalty=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine.attach([opt])
+    for step in range(1, 10):
+        _explorer_step(engine, opt, "0.weight", grow=20)
+        assert engine.refreshes == step // 3
+    assert engine.early_refreshes == 0
+
+
+# --- no host sync: the GPU path, run on CPU ---------------------------------------------------------------------------
+
+# ops that read a device value back to the host (a GPU stall) or whose output size depends on the data
+_SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item", "is_nonzero", "equal")
+
+
+class _CountSyncs(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(name in str(func) for name in _SYNCING_OPS):
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("early_refresh", [None, 0.05])
+@pytest.mark.parametrize("update_interval", [1, 3])
+def test_sync_free_steps_read_nothing_back_and_select_the_same_sets(
+    update_interval: int, early_refresh: float | None
+) -> None:
+    """What a CUDA run does, on CPU: no step reads a tensor value on the host; the sets are the host path's."""
+    runs = {}
+    for sync_free in (False, True):
+        model, engine, opt = setup(
+            "adamw", update_interval, penalty=0.01, compiled=False, sync_free=sync_free, early_refresh=early_refresh
+        )
+        counter = _CountSyncs()
+        after_step = engine._after_step
+
+        def counted_after_step(index: int, after_step=after_step, counter=counter) -> None:
+            with counter:  # the optimizer's own reads (AdamW's step count) are not the engine's
+                after_step(index)
+
+        engine._after_step = counted_after_step
+        for step in range(8):
+            x, y = batch(step)
+            F.mse_loss(model(x), y).backward()
+            with counter:
+                engine.before_step(opt)
+            opt.step()
+            opt.zero_grad()
+        runs[sync_free] = engine
+        if sync_free:
+            assert counter.syncs == []
+        else:
+            assert counter.syncs  # the host path reads counts back: the counter sees them
+    host, device = runs[False], runs[True]
+    assert host.sync_free is False
+    assert device.sync_free is True
+    if early_refresh is None:  # the same schedule: the same θ and sets, bit for bit
+        assert device.refreshes == host.refreshes == 8 // update_interval
+        for name, t in host.tensors.items():
+            assert torch.equal(t.theta, device.tensors[name].theta), name
+            assert torch.equal(t.code, device.tensors[name].code), name
+    assert_holds_alpha(device)
+
+
+def test_sync_free_early_refresh_acts_one_step_after_its_test() -> None:
+    model = make_model(hidden=40)
+    names = {"0.weight": (0.25, 0.75)}
+    engine = TopKAST(
+        masked_params(model, names), names, update_interval=10, penalty=0.0, early_refresh=0.05, sync_free=True
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine.attach([opt])
+    _explorer_step(engine, opt, "0.weight", grow=2)  # the test passes here ...
+    assert engine.refreshes == 0
+    _explorer_step(engine, opt, "0.weight", grow=0)  # ... and the refresh runs at the next step
+    assert (engine.refreshes, engine.early_refreshes) == (1, 1)
+    assert_holds_alpha(engine)

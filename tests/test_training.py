@@ -178,7 +178,7 @@ def _assert_sets_equal(a: Snapshot, b: Snapshot) -> None:
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw", "adamw-fused"])
 @pytest.mark.parametrize("update_interval", [1, 3])
 def test_every_step_holds_forward_weights_and_exact_sets(tmp_path: Path, update_interval: int, optimizer: str) -> None:
-    callback = TopKASTCallback(update_interval=update_interval, verbose=False)
+    callback = TopKASTCallback(update_interval=update_interval, early_refresh=None, verbose=False)
     recorder, trainer = _fit(tmp_path, MLP(optimizer=optimizer), callback)
     engine = _engine(callback)
 
@@ -213,6 +213,29 @@ def test_every_step_holds_forward_weights_and_exact_sets(tmp_path: Path, update_
         assert torch.equal(dict(trainer.lightning_module.named_parameters())[name].detach(), s["param"]), name
 
 
+@pytest.mark.parametrize(("optimizer", "early_refresh"), [("sgd", 0.02), ("adamw", 0.2)])
+def test_early_refresh_keeps_every_invariant(tmp_path: Path, optimizer: str, early_refresh: float) -> None:
+    """Refreshes at steps θ chooses, per tensor: each holds the top-k right after it, and sets stay put between."""
+    callback = TopKASTCallback(update_interval=BATCHES + 1, early_refresh=early_refresh, verbose=False)
+    recorder, _ = _fit(tmp_path, MLP(optimizer=optimizer), callback)
+    engine = _engine(callback)
+    assert 0 < engine.early_refreshes == engine.refreshes < BATCHES
+    refreshed_at = {steps[0]: names for names, steps in recorder.refresh_log}
+    assert len(refreshed_at) == engine.refreshes
+    previous = recorder.start
+    for step, snapshot in enumerate(recorder.after, start=1):
+        _assert_invariants(snapshot, engine)
+        for name, s in snapshot.items():
+            if name in refreshed_at.get(step, []):
+                _assert_top_k(s["theta"], s["A"])
+                _assert_top_k(s["theta"], s["B"])
+            else:
+                assert torch.equal(s["A"], previous[name]["A"]), (step, name)
+                assert torch.equal(s["B"], previous[name]["B"]), (step, name)
+        previous = snapshot
+    assert any(len(names) < len(MASKED) for names in refreshed_at.values())  # tensors decide one by one
+
+
 # --- 2. nothing outside B moves ---------------------------------------------------------------------------------
 
 
@@ -221,7 +244,7 @@ def test_every_step_holds_forward_weights_and_exact_sets(tmp_path: Path, update_
     [("sgd", ["momentum_buffer"]), ("adamw", ["exp_avg", "exp_avg_sq"]), ("adamw-fused", ["exp_avg", "exp_avg_sq"])],
 )
 def test_nothing_outside_backward_set_moves(tmp_path: Path, optimizer: str, state_keys: list[str]) -> None:
-    callback = TopKASTCallback(update_interval=3, verbose=False)
+    callback = TopKASTCallback(update_interval=3, early_refresh=None, verbose=False)
     model = Spy(optimizer=optimizer)
     recorder, _ = _fit(tmp_path, model, callback)
     engine = _engine(callback)
@@ -302,7 +325,7 @@ class LateEdit(Spy):
 def test_gradient_edited_after_the_callback_cannot_leak_outside_backward_set(tmp_path: Path, edit: str) -> None:
     """Whatever the update writes outside B, even from a gradient edited after the callback's hook, is dropped:
     θ keeps its values there, and a weight entering B at a refresh starts with fresh (zero) optimizer state."""
-    callback = TopKASTCallback(update_interval=3, verbose=False)
+    callback = TopKASTCallback(update_interval=3, early_refresh=None, verbose=False)
     model = LateEdit(callback, edit)
     recorder, _ = _fit(tmp_path, model, callback, max_steps=6)
     engine = _engine(callback)
@@ -327,7 +350,7 @@ def test_gradient_edited_after_the_callback_cannot_leak_outside_backward_set(tmp
 
 def test_exploration_set_gets_straight_through_gradients_and_grows_into_forward_set(tmp_path: Path) -> None:
     lr = 0.5
-    callback = TopKASTCallback(update_interval=2, exploration_penalty=0.0, verbose=False)
+    callback = TopKASTCallback(update_interval=2, early_refresh=None, exploration_penalty=0.0, verbose=False)
     model = Spy(optimizer="plain", lr=lr)
     recorder, _ = _fit(tmp_path, model, callback)
     engine = _engine(callback)
@@ -413,7 +436,7 @@ def test_exploration_penalty_step_is_exact(tmp_path: Path, decoupled: bool, prec
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
-    callback = TopKASTCallback(update_interval=2, verbose=False)
+    callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
     recorder, trainer = _fit(tmp_path, MLP(), callback, accumulate_grad_batches=2)
     engine = _engine(callback)
 
@@ -430,7 +453,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
 
 def test_gradient_clipping_sees_and_clips_masked_gradients(tmp_path: Path) -> None:
     lr, clip = 0.1, 0.5
-    callback = TopKASTCallback(update_interval=2, verbose=False)
+    callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
     model = Spy(optimizer="plain", lr=lr, loss_scale=10.0)
     recorder, _ = _fit(tmp_path, model, callback, gradient_clip_val=clip, max_steps=4)
     engine = _engine(callback)
@@ -454,7 +477,7 @@ def test_gradient_clipping_sees_and_clips_masked_gradients(tmp_path: Path) -> No
 
 
 def test_bf16_mixed_precision(tmp_path: Path) -> None:
-    callback = TopKASTCallback(update_interval=2, verbose=False)
+    callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
     model = Spy()
     recorder, trainer = _fit(tmp_path, model, callback, precision="bf16-mixed", max_steps=4)
     engine = _engine(callback)
@@ -506,7 +529,7 @@ class GAN(L.LightningModule):
 
 
 def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
-    callback = TopKASTCallback(update_interval=2, dense_first_layer=False, verbose=False)
+    callback = TopKASTCallback(update_interval=2, early_refresh=None, dense_first_layer=False, verbose=False)
     loader = DataLoader(TensorDataset(torch.randn(64, 8) + 2.0), batch_size=8)
     recorder, trainer = _fit(tmp_path, GAN(), callback, loader=loader)
     engine = _engine(callback)
@@ -535,7 +558,7 @@ def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
 
 
 def test_two_fits_in_a_row_continue_masks_and_counters(tmp_path: Path) -> None:
-    callback = TopKASTCallback(update_interval=2, verbose=False)
+    callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
     model = MLP()
     first, _ = _fit(tmp_path, model, callback, max_steps=3)
     engine = _engine(callback)
@@ -565,7 +588,7 @@ def test_two_fits_in_a_row_continue_masks_and_counters(tmp_path: Path) -> None:
 
 def test_same_callback_on_a_new_model_starts_afresh(tmp_path: Path) -> None:
     """Reused on another model, the callback builds new masks for it, and its FLOPs metrics describe the new model."""
-    callback = TopKASTCallback(update_interval=2, verbose=False)
+    callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
     _fit(tmp_path, MLP(), callback, max_steps=2)
     first_engine, first_metrics = _engine(callback), callback.metrics()
 
@@ -684,7 +707,7 @@ def test_step_skipped_by_the_module(tmp_path: Path) -> None:
 def test_bf16_true_keeps_theta_and_sets_in_the_parameters_dtype(tmp_path: Path) -> None:
     """With bf16 parameters θ is bf16 too (the torch kernels run: the compiled ones cover fp32/fp64), and counts
     stay exact."""
-    callback = TopKASTCallback(update_interval=2)
+    callback = TopKASTCallback(update_interval=2, early_refresh=None)
     make_trainer(tmp_path, [callback], max_steps=4, precision="bf16-true").fit(MLP(), make_loader())
     assert callback.engine is not None
     assert callback.engine.steps == [4]

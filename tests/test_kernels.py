@@ -1,0 +1,231 @@
+"""The per-step passes: the compiled C loops equal the torch operations bit for bit, and both do what they say.
+
+Inputs are hostile on purpose: NaN and ±inf in θ and in gradients, ±0, ties, thresholds whose tie split falls
+inside the tensor, offsets of a global pool, optimizer states of another dtype and more states than the C loop
+takes at once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_topkast import kernels
+from lightning_topkast.kernels import A_BIT, B_BIT, EVER_BIT, CKernels, Threshold, TorchKernels
+from lightning_topkast.selection import magnitude_order
+
+PROPERTY = settings(max_examples=40, deadline=None)
+NAN, INF = float("nan"), float("inf")
+SPECIAL = [NAN, INF, -INF, 0.0, -0.0, 1.0, -1.0]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Compare floats by their bits: NaN == NaN, and -0.0 != 0.0."""
+    return t.view(torch.uint8) if t.is_floating_point() else t
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> dict:
+    """θ, the set byte, a parameter and a gradient with special values, and two thresholds near θ's scores."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    n = draw(st.sampled_from([1, 5, 63, 64, 65, 1000, 70_001]))  # 70,001: above the one-thread limit
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    ties = draw(st.booleans())  # few distinct values: ties at every threshold
+    values = torch.randint(0, 4, (n,), generator=g).to(dtype) if ties else torch.randn(n, generator=g, dtype=dtype)
+    theta, param, grad = values, torch.randn(n, generator=g, dtype=dtype), torch.randn(n, generator=g, dtype=dtype)
+    for t in (theta, param, grad):
+        spots = torch.randint(0, n, (max(1, n // 50),), generator=g)
+        t[spots] = torch.tensor(SPECIAL, dtype=dtype)[torch.randint(0, len(SPECIAL), spots.shape, generator=g)]
+    code = torch.randint(0, 3, (n,), generator=g, dtype=torch.uint8)
+    code = torch.where(code == 2, A_BIT | B_BIT, code) | (
+        torch.randint(0, 2, (n,), generator=g, dtype=torch.uint8) << 2
+    )
+    scores = kernels.scores(theta)
+    picks = scores[torch.randint(0, n, (2,), generator=g)].tolist()
+    offset = draw(st.sampled_from([0, 7]))
+    splits = [draw(st.integers(0, n + 1)) + offset for _ in range(2)]
+    forward, backward = Threshold(max(picks), splits[0]), Threshold(min(picks), splits[1])
+    return {
+        "theta": theta,
+        "code": code.to(torch.uint8),
+        "param": param,
+        "grad": grad,
+        "forward": forward,
+        "backward": backward,
+        "offset": offset,
+        "penalty": draw(st.sampled_from([(0.0, 0.0), (1e-4, 5e-4), (0.5, 2.0)])),
+        "decoupled": draw(st.sampled_from([(0.0, 0.0), (-1e-3, -5e-3)])),
+        "states": draw(st.integers(0, 4)),
+        "rungs": sorted({*picks, -1, 0, int(scores.max()) + 1}),
+        "windows": [(min(picks), max(picks) + 1), (-1, min(picks))][: draw(st.integers(1, 2))],
+        "seed": draw(st.integers(0, 1000)),
+    }
+
+
+def _run(work: kernels.Kernels, case: dict) -> list:
+    """Every pass once, in step order, on copies of the case; returns all outputs and final tensors."""
+    theta, code, param, grad = (case[k].clone() for k in ("theta", "code", "param", "grad"))
+    g = torch.Generator().manual_seed(case["seed"])
+    # the last state has another dtype: the C loops leave it to torch's
+    states = [torch.randn(theta.shape, generator=g, dtype=theta.dtype) for _ in range(case["states"])]
+    states += [torch.randn(theta.shape, generator=g, dtype=torch.float16)] if case["states"] else []
+    work.prepare(theta, code, param, grad, *case["penalty"])
+    out: list = [theta.clone(), param.clone(), grad.clone()]
+    out.append(work.finish(theta, code, param, *case["decoupled"], case["forward"], case["backward"], case["offset"]))
+    out += [theta.clone(), param.clone()]
+    out.append(work.count_at_least(theta, case["rungs"]))
+    out.append([tuple(w) for w in work.gather(theta, case["windows"])])
+    out.append(work.apply(theta, code, param, case["forward"], case["backward"], case["offset"], states))
+    out += [code.clone(), param.clone(), [s.clone() for s in states]]
+    work.keep(states[0] if states else param, code, A_BIT | B_BIT)
+    out.append(states[0] if states else param)
+    return out
+
+
+@PROPERTY
+@given(case=cases())
+def test_c_kernels_equal_torch_kernels_bit_for_bit(case: dict) -> None:
+    c = kernels.for_tensor(case["theta"])
+    assert isinstance(c, CKernels)
+    for i, (a, b) in enumerate(zip(_run(c, case), _run(TorchKernels(), case), strict=True)):
+        assert _same(a, b), i
+
+
+@PROPERTY
+@given(case=cases())
+def test_each_pass_does_what_it_says(case: dict) -> None:
+    """Against a direct reading of each pass's contract, on torch's implementation (equal to C by the test above)."""
+    theta0, code, param0, grad0 = (case[k] for k in ("theta", "code", "param", "grad"))
+    in_a, in_b = (code & A_BIT) != 0, (code & B_BIT) != 0
+    theta, param, grad = theta0.clone(), param0.clone(), grad0.clone()
+    lam_a, lam_e = case["penalty"]
+    TorchKernels().prepare(theta, code.clone(), param, grad, lam_a, lam_e)
+    assert _same(param, torch.where(in_b, theta0, 0))
+    assert not bool(grad[~in_b].any())  # NaN and inf outside B are gone
+    if lam_a == lam_e == 0:
+        assert _same(grad, torch.where(in_b, grad0, 0))
+    new = torch.randn(param.shape, dtype=param.dtype)  # what an optimizer wrote
+    param.copy_(new)
+    counts = TorchKernels().finish(
+        theta, code.clone(), param, 0.0, 0.0, case["forward"], case["backward"], case["offset"]
+    )
+    assert _same(theta, torch.where(in_b, new, theta0))  # outside B nothing moved
+    assert _same(param, torch.where(in_a, theta, 0))
+    scores = kernels.scores(theta)
+    ga = kernels.at_least(scores, case["forward"], case["offset"])
+    gb = kernels.at_least(scores, case["backward"], case["offset"])
+    assert counts == (
+        int((ga & in_a).sum()),
+        int(ga.sum()),
+        int((gb & in_b).sum()),
+        int(gb.sum()),
+        int((ga & in_b & ~in_a).sum()),
+    )
+    assert TorchKernels().count_at_least(theta, case["rungs"]) == [int((scores >= r).sum()) for r in case["rungs"]]
+    new_code = code.clone()
+    states = [torch.randn(theta.shape, dtype=theta.dtype)]
+    before = states[0].clone()
+    left, changed, size = TorchKernels().apply(
+        theta, new_code, param, case["forward"], case["backward"], case["offset"], states
+    )
+    new_a, new_b = (new_code & A_BIT) != 0, (new_code & B_BIT) != 0
+    assert torch.equal(new_a, ga)
+    assert torch.equal(new_b, gb)
+    assert torch.equal((new_code & EVER_BIT) != 0, ((code & EVER_BIT) != 0) | ga)
+    assert (left, changed, size) == (int((in_a & ~ga).sum()), int((in_b ^ gb).sum()), int(ga.sum()))
+    assert _same(param, torch.where(ga, theta, 0))
+    assert _same(states[0], torch.where(in_b & gb, before, 0))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    values=st.lists(st.sampled_from([*SPECIAL, 2.0, -3.5, 1e-30, 65504.0]), min_size=1, max_size=30),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+)
+def test_scores_rank_as_the_magnitude_order(values: list[float], dtype: torch.dtype) -> None:
+    theta = torch.tensor(values, dtype=torch.float64).to(dtype)
+    scores = kernels.scores(theta)
+    by_score = torch.argsort(scores, descending=True, stable=True)
+    assert torch.equal(by_score, magnitude_order(theta))
+
+
+def test_at_least_with_tensor_thresholds_equals_the_int_form() -> None:
+    scores = torch.tensor([3, 5, 3, 3, 1, 3])
+    for t in range(7):
+        for split in range(9):
+            for offset in (0, 2):
+                expected = kernels.at_least(scores, Threshold(t, split), offset)
+                found = kernels.at_least(scores, (torch.tensor(t), torch.tensor(split)), offset)
+                assert torch.equal(found, expected), (t, split, offset)
+
+
+def test_gather_lists_a_window_in_index_order_and_counts_past_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    theta = torch.arange(1000, dtype=torch.float32).flip(0)
+    scores = kernels.scores(theta)
+    window = (int(scores[899]), int(scores[99]))  # the values 100 to 899, at indices 100 to 899
+    for work in (kernels.for_tensor(theta), TorchKernels()):
+        (found,) = work.gather(theta, [window])
+        assert (found.above, found.count) == (100, 800)
+        assert torch.equal(found.index, torch.arange(100, 900))
+        assert torch.equal(found.scores, scores[100:900].long())
+    monkeypatch.setattr(kernels, "GATHER_CAP", 300)
+    for work in (kernels.for_tensor(theta), TorchKernels()):
+        (found,) = work.gather(theta, [window])
+        assert (found.above, found.count) == (100, 800)  # the count is whole ...
+        assert torch.equal(found.index, torch.arange(100, 400))  # ... the list stops at the cap
+
+
+# --- choosing and building -----------------------------------------------------------------------------------------
+
+
+def test_c_kernels_serve_fp32_and_fp64_cpu_tensors_only() -> None:
+    assert isinstance(kernels.for_tensor(torch.zeros(3)), CKernels)
+    assert isinstance(kernels.for_tensor(torch.zeros(3, dtype=torch.float64)), CKernels)
+    assert isinstance(kernels.for_tensor(torch.zeros(3, dtype=torch.bfloat16)), TorchKernels)
+    assert isinstance(kernels.for_tensor(torch.zeros(3, 4).t()), TorchKernels)  # not contiguous
+    assert isinstance(kernels.for_tensor(torch.zeros(3), compiled=False), TorchKernels)
+    with pytest.raises(RuntimeError, match="float32/float64 CPU tensor"):
+        kernels.for_tensor(torch.zeros(3, dtype=torch.float16), compiled=True)
+
+
+def test_environment_variable_turns_the_c_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIGHTNING_TOPKAST_KERNELS", "torch")
+    assert isinstance(kernels.for_tensor(torch.zeros(3)), TorchKernels)
+
+
+def test_the_library_is_built_once_per_cache_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIGHTNING_TOPKAST_CACHE", str(tmp_path))
+    first = kernels._build()
+    assert first.parent == tmp_path
+    assert first.suffix == ".so"
+    stamp = first.stat().st_mtime_ns
+    assert kernels._build() == first
+    assert first.stat().st_mtime_ns == stamp  # found, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # the build folder is gone
+
+
+def test_without_a_compiler_torch_kernels_run_and_a_warning_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LIGHTNING_TOPKAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels, "_library", kernels._library.__wrapped__)  # not the cached library
+    with pytest.warns(kernels.KernelWarning, match=r"could not build its CPU kernels.*LIGHTNING_TOPKAST_KERNELS"):
+        assert isinstance(kernels.for_tensor(torch.zeros(3)), TorchKernels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setenv("LIGHTNING_TOPKAST_KERNELS", "torch")  # the way to silence it
+        assert isinstance(kernels.for_tensor(torch.zeros(3)), TorchKernels)
