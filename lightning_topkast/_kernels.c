@@ -6,6 +6,7 @@
  * _kernels_impl.h has the passes, written once for an element type T; this file instantiates them twice.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -15,6 +16,32 @@
 #define A_BIT 2
 #define EVER_BIT 4
 #define ONE_THREAD_BELOW 65536 /* a parallel region costs more than a pass over fewer entries */
+
+/* The k-th largest of x[0..n) (1 <= k <= n), by quickselect; reorders x. */
+static int64_t topkast_kth_largest(int64_t *x, int64_t n, int64_t k) {
+  int64_t lo = 0, hi = n - 1, want = k - 1; /* the index the answer has in descending order */
+  while (lo < hi) {
+    int64_t mid = lo + (hi - lo) / 2, a = x[lo], b = x[mid], c = x[hi];
+    int64_t pivot = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b)); /* median of three */
+    int64_t i = lo, j = hi;
+    while (i <= j) { /* descending: larger values to the left */
+      while (x[i] > pivot) i++;
+      while (x[j] < pivot) j--;
+      if (i <= j) {
+        int64_t t = x[i];
+        x[i++] = x[j];
+        x[j--] = t;
+      }
+    }
+    if (want <= j)
+      hi = j;
+    else if (want >= i)
+      lo = i;
+    else
+      return x[want]; /* between j and i every value equals the pivot */
+  }
+  return x[lo];
+}
 
 /* Splits [0, n) evenly over the threads; each calls its part. */
 static inline void thread_part(int64_t n, int64_t *lo, int64_t *hi) {

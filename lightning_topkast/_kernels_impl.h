@@ -139,75 +139,119 @@ void NAME(count_at_least)(int64_t n, const T *restrict theta, const int64_t *res
   }
 }
 
-/* ---- gathering the entries near a threshold ---------------------------------------------------------------- */
+/* ---- picking the k-th entry from a window of scores -------------------------------------------------------- */
 
-#define BLOCK 64 /* entries per block of the gather: one 64-bit mask of hits */
+#define BLOCK 64 /* entries per block of a pick's first pass: one 64-bit mask of hits */
 
-/* Two windows of scores, [lo0, hi0) and [lo1, hi1): out[0] = entries scoring at least hi0, out[1] = entries in
- * window 0, out[2] and out[3] the same for window 1. The entries of each window, in index order, go to its buffers
- * (score and index), at most `cap` of them. `blocks` is scratch for 2 * ceil(n / BLOCK) counts.
+/* The unit's scores live in `parts` tensors, in index order (a global pool has several). For two windows of scores
+ * [lo, hi) (windows[0..3]) and a rank k each (ks: the k-th entry of the whole order, from the top), out gets four
+ * numbers per window: the entries at or above hi, the entries in the window, and, when the k-th entry is in the
+ * window and the window holds at most `cap` entries, that entry's score and one past its global index (else -1,
+ * -1): the threshold that names it. Returns 0, or -1 if memory ran out.
  *
- * Three phases: count per block (vectorised, in parallel), turn the counts into offsets, then copy the entries of
- * the blocks that hold any (in parallel, each block to its own offsets, so the order is the index order). */
-void NAME(gather)(int64_t n, const T *restrict theta, int64_t lo0, int64_t hi0, int64_t lo1, int64_t hi1, int64_t cap,
-                  int64_t *restrict scores0, int64_t *restrict index0, int64_t *restrict scores1,
-                  int64_t *restrict index1, int64_t *restrict blocks, int64_t *restrict out) {
-  int64_t nblocks = (n + BLOCK - 1) / BLOCK, above0 = 0, above1 = 0;
-  S l0 = (S)lo0, h0 = (S)hi0, l1 = (S)lo1, h1 = (S)hi1;
+ * Three passes, the last two only over what they need: count per block (vectorised, in parallel); copy the entries
+ * of a window that holds its k-th entry, block by block to offsets from the counts (so in index order); then a
+ * quickselect finds the value of the wanted rank, and a scan in index order the tie it falls on. */
+int32_t NAME(pick)(int32_t parts, const int64_t *restrict sizes, T *const *thetas, const int64_t *restrict windows,
+                   const int64_t *restrict ks, int64_t cap, int64_t *restrict out) {
+  S lo[2] = {(S)windows[0], (S)windows[2]}, hi[2] = {(S)windows[1], (S)windows[3]};
+  int64_t above[2] = {0, 0}, total[2] = {0, 0};
+  int64_t first_block[parts + 1], first_index[parts + 1];
+  first_block[0] = first_index[0] = 0;
+  for (int32_t p = 0; p < parts; p++) {
+    first_block[p + 1] = first_block[p] + (sizes[p] + BLOCK - 1) / BLOCK;
+    first_index[p + 1] = first_index[p] + sizes[p];
+  }
+  int64_t *blocks = malloc((size_t)(2 * first_block[parts] + 1) * sizeof *blocks);
+  if (!blocks) return -1;
+  for (int32_t p = 0; p < parts; p++) {
+    const T *restrict theta = thetas[p];
+    int64_t n = sizes[p], nblocks = first_block[p + 1] - first_block[p], *part = blocks + 2 * first_block[p];
+    int64_t above0 = 0, above1 = 0;
 #pragma omp parallel for if (n >= ONE_THREAD_BELOW) reduction(+ : above0, above1)
-  for (int64_t b = 0; b < nblocks; b++) {
-    int64_t end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n, c0 = 0, c1 = 0, a0 = 0, a1 = 0;
-    for (int64_t i = b * BLOCK; i < end; i++) {
-      S s = NAME(score)(theta[i]);
-      a0 += s >= h0;
-      a1 += s >= h1;
-      c0 += (s >= l0) & (s < h0);
-      c1 += (s >= l1) & (s < h1);
+    for (int64_t b = 0; b < nblocks; b++) {
+      int64_t end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n, c0 = 0, c1 = 0, a0 = 0, a1 = 0;
+      for (int64_t i = b * BLOCK; i < end; i++) {
+        S s = NAME(score)(theta[i]);
+        a0 += s >= hi[0];
+        a1 += s >= hi[1];
+        c0 += (s >= lo[0]) & (s < hi[0]);
+        c1 += (s >= lo[1]) & (s < hi[1]);
+      }
+      part[2 * b] = c0;
+      part[2 * b + 1] = c1;
+      above0 += a0;
+      above1 += a1;
     }
-    blocks[2 * b] = c0;
-    blocks[2 * b + 1] = c1;
-    above0 += a0;
-    above1 += a1;
+    above[0] += above0;
+    above[1] += above1;
   }
-  int64_t total0 = 0, total1 = 0;
-  for (int64_t b = 0; b < nblocks; b++) {
-    int64_t c0 = blocks[2 * b], c1 = blocks[2 * b + 1];
-    blocks[2 * b] = total0;
-    blocks[2 * b + 1] = total1;
-    total0 += c0;
-    total1 += c1;
+  int inside[2];
+  for (int w = 0; w < 2; w++) {
+    int64_t running = 0;
+    for (int64_t b = 0; b < first_block[parts]; b++) { /* counts into offsets */
+      int64_t c = blocks[2 * b + w];
+      blocks[2 * b + w] = running;
+      running += c;
+    }
+    total[w] = running;
+    inside[w] = above[w] < ks[w] && ks[w] <= above[w] + total[w] && total[w] <= cap;
+    out[4 * w] = above[w];
+    out[4 * w + 1] = total[w];
+    out[4 * w + 2] = out[4 * w + 3] = -1;
   }
-  out[0] = above0;
-  out[1] = total0;
-  out[2] = above1;
-  out[3] = total1;
+  int64_t *entries = NULL;
+  if ((inside[0] || inside[1]) && !(entries = malloc((size_t)(3 * (total[0] + total[1]) + 1) * sizeof *entries))) {
+    free(blocks);
+    return -1;
+  }
+  if (!entries) {
+    free(blocks);
+    return 0;
+  }
+  /* scores and indices of each window's entries, then room for a quickselect */
+  int64_t *scores[2] = {entries, entries + 2 * total[0]}, *index[2] = {entries + total[0], entries + 2 * total[0] + total[1]};
+  int64_t *work = entries + 2 * (total[0] + total[1]);
+  for (int32_t p = 0; p < parts; p++) {
+    const T *restrict theta = thetas[p];
+    int64_t n = sizes[p], b0 = first_block[p], nblocks = first_block[p + 1] - b0, offset = first_index[p];
 #pragma omp parallel for if (n >= ONE_THREAD_BELOW) schedule(dynamic, 256)
-  for (int64_t b = 0; b < nblocks; b++) {
-    int64_t next0 = blocks[2 * b], next1 = blocks[2 * b + 1];
-    int64_t stop0 = b + 1 < nblocks ? blocks[2 * b + 2] : total0, stop1 = b + 1 < nblocks ? blocks[2 * b + 3] : total1;
-    if ((next0 == stop0 || next0 >= cap) && (next1 == stop1 || next1 >= cap)) continue;
-    int64_t start = b * BLOCK, end = start + BLOCK < n ? start + BLOCK : n;
-    uint64_t hits0 = 0, hits1 = 0; /* bit j: entry start + j is in the window; a loop that vectorises */
-    for (int64_t j = 0; j < end - start; j++) {
-      S s = NAME(score)(theta[start + j]);
-      hits0 |= (uint64_t)((s >= l0) & (s < h0)) << j;
-      hits1 |= (uint64_t)((s >= l1) & (s < h1)) << j;
-    }
-    for (; hits0; hits0 &= hits0 - 1, next0++) {
-      int64_t i = start + __builtin_ctzll(hits0);
-      if (next0 < cap) {
-        scores0[next0] = NAME(score)(theta[i]);
-        index0[next0] = i;
-      }
-    }
-    for (; hits1; hits1 &= hits1 - 1, next1++) {
-      int64_t i = start + __builtin_ctzll(hits1);
-      if (next1 < cap) {
-        scores1[next1] = NAME(score)(theta[i]);
-        index1[next1] = i;
+    for (int64_t b = 0; b < nblocks; b++) {
+      int64_t global = b0 + b, stop = global + 1 < first_block[parts] ? 2 * (global + 1) : -1;
+      int64_t start = b * BLOCK, end = start + BLOCK < n ? start + BLOCK : n;
+      for (int w = 0; w < 2; w++) {
+        int64_t next = blocks[2 * global + w], last = stop >= 0 ? blocks[stop + w] : total[w];
+        if (!inside[w] || next == last) continue;
+        uint64_t hits = 0; /* bit j: entry start + j is in the window; a loop that vectorises */
+        for (int64_t j = 0; j < end - start; j++) {
+          S s = NAME(score)(theta[start + j]);
+          hits |= (uint64_t)((s >= lo[w]) & (s < hi[w])) << j;
+        }
+        for (; hits; hits &= hits - 1, next++) {
+          int64_t i = start + __builtin_ctzll(hits);
+          scores[w][next] = NAME(score)(theta[i]);
+          index[w][next] = offset + i;
+        }
       }
     }
   }
+  for (int w = 0; w < 2; w++) {
+    if (!inside[w]) continue;
+    int64_t m = total[w], wanted = ks[w] - above[w];
+    memcpy(work, scores[w], (size_t)m * sizeof *work);
+    int64_t value = topkast_kth_largest(work, m, wanted), greater = 0;
+    for (int64_t j = 0; j < m; j++) greater += scores[w][j] > value;
+    for (int64_t j = 0, ties = 0; j < m; j++) { /* the entries of the window are in index order */
+      if (scores[w][j] == value && ++ties == wanted - greater) {
+        out[4 * w + 2] = value;
+        out[4 * w + 3] = index[w][j] + 1;
+        break;
+      }
+    }
+  }
+  free(entries);
+  free(blocks);
+  return 0;
 }
 
 /* ---- apply: new sets at a refresh ------------------------------------------------------------------------------ */

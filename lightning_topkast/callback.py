@@ -13,7 +13,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
 from lightning_topkast import distributions, reporting, targets, validation
@@ -103,7 +102,9 @@ class TopKASTCallback(Callback):
         self.kept_dense: dict[str, str] = {}
         self._loaded_state: dict[str, Any] | None = None
         self._resuming = False
-        self._turnover = MeanMetric(nan_strategy="disable", sync_on_compute=False)  # no host check per update
+        # members that left A and the sizes of A at the refreshes since the last log: their ratio is the |A|-weighted
+        # mean turnover (plain sums: a metric's update costs more than a small model's whole refresh)
+        self._moved: list[Any] = [0, 0]
         self._layer_flops: dict[nn.Module, float] = {}
         self._flops_handles: list[RemovableHandle] = []
         self._flops_counted = False
@@ -198,9 +199,9 @@ class TopKASTCallback(Callback):
         # always logged: Lightning repeats a step metric's last value at later log steps, so an absent key would
         # show the previous refresh's turnover again; with no refresh since the last log, nothing moved.
         metrics[f"{reporting.PREFIX}/turnover"] = (
-            float(self._turnover.compute()) if self._turnover.update_count else 0.0
+            float(self._moved[0]) / float(self._moved[1]) if float(self._moved[1]) else 0.0
         )
-        self._turnover.reset()
+        self._moved = [0, 0]
         train, inference = reporting.flops_fractions(self._layer_costs())
         metrics[f"{reporting.PREFIX}/train_flops_fraction"] = train
         metrics[f"{reporting.PREFIX}/inference_flops_fraction"] = inference
@@ -325,11 +326,10 @@ class TopKASTCallback(Callback):
         return all(params.get(name) is t.param for name, t in self._require_engine().tensors.items())
 
     def _record_turnover(self, moved: dict[str, tuple[Any, Any]]) -> None:
-        # weighted by |A|, the mean over refreshes is the fraction of all forward-set members that changed; counts
-        # are 0-dim tensors when the engine reads nothing back from the device (sync_free), and stay there
-        left = torch.as_tensor(sum(m[0] for m in moved.values()), dtype=torch.float64)
-        size = torch.as_tensor(sum(m[1] for m in moved.values()), dtype=torch.float64)
-        self._turnover.update(left / size.clamp_min(1), size)
+        # counts are 0-dim tensors when the engine reads nothing back from the device (sync_free): they add up there
+        for left, size in moved.values():
+            self._moved[0] += left
+            self._moved[1] += size
 
     def _count_flops(self, pl_module: LightningModule) -> None:
         def record(module: nn.Module, args: Any, output: Any) -> None:

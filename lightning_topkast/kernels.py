@@ -72,16 +72,15 @@ class FinishCounts(NamedTuple):
     explorers_above: int  # members of B \ A at or above A's threshold
 
 
-class Window(NamedTuple):
-    """What :meth:`Kernels.gather` finds for one window of scores ``[lo, hi)``."""
+class Pick(NamedTuple):
+    """What :meth:`Kernels.pick` finds in one window of scores ``[lo, hi)``, looking for the ``k``-th entry."""
 
     above: int  # entries scoring at least hi
-    count: int  # entries in the window; more than ``scores`` holds when over the cap
-    scores: Tensor  # int64 scores of the entries in the window, in index order (at most the cap)
-    index: Tensor  # their flat indices
+    count: int  # entries in the window
+    threshold: Threshold | None  # the one naming the k-th entry, when the window holds it and at most PICK_CAP
 
 
-GATHER_CAP = 1 << 16  # entries a window returns at most
+PICK_CAP = 1 << 16  # entries a window may hold for a pick
 
 
 class Kernels(Protocol):
@@ -113,8 +112,12 @@ class Kernels(Protocol):
     def count_at_least(self, theta: Tensor, rungs: Sequence[int]) -> list[int]:
         """For each of up to :data:`RUNGS` scores, the number of entries scoring at least that."""
 
-    def gather(self, theta: Tensor, windows: Sequence[tuple[int, int]]) -> list[Window]:
-        """For one or two windows of scores ``[lo, hi)``: the entries in each, and the count of those above."""
+    def pick(self, thetas: Sequence[Tensor], windows: Sequence[tuple[int, int, int]]) -> list[Pick]:
+        """For one or two ``(lo, hi, k)``: the ``k``-th entry of the order if its score is in ``[lo, hi)``, and counts.
+
+        ``thetas`` are a unit's tensors in order (several for a global pool); ``k`` counts from the top of all of
+        them, and the threshold's split is a global index.
+        """
 
     def apply(
         self,
@@ -256,15 +259,19 @@ class TorchKernels:
         s = scores(theta)
         return [int((s >= rung).sum()) for rung in rungs]
 
-    def gather(self, theta: Tensor, windows: Sequence[tuple[int, int]]) -> list[Window]:
-        """See :meth:`Kernels.gather`."""
-        s = scores(theta).long()
+    def pick(self, thetas: Sequence[Tensor], windows: Sequence[tuple[int, int, int]]) -> list[Pick]:
+        """See :meth:`Kernels.pick`."""
+        s = torch.cat([scores(t) for t in thetas])
         found = []
-        for lo, hi in windows:
-            index = torch.nonzero((s >= lo) & (s < hi)).flatten()
-            count = index.numel()
-            index = index[:GATHER_CAP]
-            found.append(Window(int((s >= hi).sum()), count, s[index], index))
+        for lo, hi, k in windows:
+            above, inside = int((s >= hi).sum()), (s >= lo) & (s < hi)
+            count, threshold = int(inside.sum()), None
+            if above < k <= above + count and count <= PICK_CAP:
+                index = torch.nonzero(inside).flatten()
+                order = torch.sort(s[index], descending=True, stable=True).indices  # stable: ties by index
+                entry = index[order[k - above - 1]]
+                threshold = Threshold(int(s[entry]), int(entry) + 1)
+            found.append(Pick(above, count, threshold))
         return found
 
     def apply(
@@ -336,12 +343,10 @@ class CKernels:
             library, f"topkast_apply_{suffix}", [_c_int64, *[_ptr] * 3, *[_c_int64] * 4, *[_ptr] * 3, _c_int32, _ptr]
         )
         self._keep = _function(library, f"topkast_keep_{suffix}", [_c_int64, _ptr, _ptr, _c_int32])
-        self._gather = _function(
-            library, f"topkast_gather_{suffix}", [*[_c_int64] * 1, _ptr, *[_c_int64] * 5, *[_ptr] * 6]
+        self._pick = _function(
+            library, f"topkast_pick_{suffix}", [_c_int32, _ptr, _ptr, _ptr, _ptr, _c_int64, _ptr], ctypes.c_int32
         )
-        self._found = torch.empty(4, GATHER_CAP, dtype=torch.int64)  # scores and indices of two windows
-        self._out = torch.zeros(RUNGS, dtype=torch.int64)  # counts come back here
-        self._rungs = torch.zeros(RUNGS, dtype=torch.int64)
+        self._out = (ctypes.c_int64 * RUNGS)()  # counts come back here: a ctypes array reads back cheaper than a tensor
 
     def prepare(self, theta: Tensor, code: Tensor, param: Tensor, grad: Tensor, lam_a: float, lam_e: float) -> None:
         """See :meth:`Kernels.prepare`."""
@@ -363,33 +368,32 @@ class CKernels:
         n = theta.numel()
         decoupled = int(bool(dec_a or dec_e))
         fa, fb = _local(forward, offset, n), _local(backward, offset, n)
-        self._finish(n, _p(theta), _p(code), _p(param), dec_a, dec_e, decoupled, *fa, *fb, _p(self._out))
-        return FinishCounts(*self._out[:5].tolist())
+        self._finish(n, _p(theta), _p(code), _p(param), dec_a, dec_e, decoupled, *fa, *fb, self._out)
+        return FinishCounts(*self._out[:5])
 
     def count_at_least(self, theta: Tensor, rungs: Sequence[int]) -> list[int]:
         """See :meth:`Kernels.count_at_least`."""
         if len(rungs) > RUNGS:
             raise ValueError(f"count_at_least takes at most {RUNGS} rungs, got {len(rungs)}")
-        padded = [*rungs, *[rungs[-1]] * (RUNGS - len(rungs))]
-        self._rungs.copy_(torch.tensor(padded, dtype=torch.int64))
-        self._count(theta.numel(), _p(theta), _p(self._rungs), _p(self._out))
-        return self._out[: len(rungs)].tolist()
+        padded = (ctypes.c_int64 * RUNGS)(*rungs, *[rungs[-1]] * (RUNGS - len(rungs)))
+        self._count(theta.numel(), _p(theta), padded, self._out)
+        return self._out[: len(rungs)]
 
-    def gather(self, theta: Tensor, windows: Sequence[tuple[int, int]]) -> list[Window]:
-        """See :meth:`Kernels.gather`."""
+    def pick(self, thetas: Sequence[Tensor], windows: Sequence[tuple[int, int, int]]) -> list[Pick]:
+        """See :meth:`Kernels.pick`."""
         if not 1 <= len(windows) <= 2:
-            raise ValueError(f"gather takes one or two windows, got {len(windows)}")
-        n = theta.numel()
-        (lo0, hi0), (lo1, hi1) = windows[0], windows[-1]
-        blocks = torch.empty(2 * (n // 64 + 1), dtype=torch.int64)
-        found = self._found
-        cap = min(GATHER_CAP, found.shape[1])
-        self._gather(n, _p(theta), lo0, hi0, lo1, hi1, cap, *(_p(row) for row in found), _p(blocks), _p(self._out))
-        above0, count0, above1, count1 = self._out[:4].tolist()
-        windows_found = [(above0, count0, 0), (above1, count1, 2)][: len(windows)]
+            raise ValueError(f"pick takes one or two windows, got {len(windows)}")
+        both = [*windows, *windows][:2]
+        bounds = (ctypes.c_int64 * 4)(*(x for lo, hi, _ in both for x in (lo, hi)))
+        ks = (ctypes.c_int64 * 2)(*(k for _, _, k in both))
+        sizes = (ctypes.c_int64 * len(thetas))(*(t.numel() for t in thetas))
+        pointers = (ctypes.c_void_p * len(thetas))(*(_p(t) for t in thetas))
+        if self._pick(len(thetas), sizes, pointers, bounds, ks, PICK_CAP, self._out) != 0:
+            raise MemoryError("Top-KAST's pick kernel could not allocate its buffers")
+        out = self._out[:8]
         return [
-            Window(above, count, found[row, : min(count, cap)].clone(), found[row + 1, : min(count, cap)].clone())
-            for above, count, row in windows_found
+            Pick(out[4 * w], out[4 * w + 1], Threshold(out[4 * w + 2], out[4 * w + 3]) if out[4 * w + 3] >= 0 else None)
+            for w in range(len(windows))
         ]
 
     def apply(
@@ -410,10 +414,10 @@ class CKernels:
             self.keep(state, code, B_BIT)
         pointers = [_p(s) for s in fused] + [None] * (3 - len(fused))
         fa, fb = _local(forward, offset, n), _local(backward, offset, n)
-        self._apply(n, _p(theta), _p(code), _p(param), *fa, *fb, *pointers, len(fused), _p(self._out))
+        self._apply(n, _p(theta), _p(code), _p(param), *fa, *fb, *pointers, len(fused), self._out)
         for state in others:
             self.keep(state, code, B_BIT)
-        left, changed, size = self._out[:3].tolist()
+        left, changed, size = self._out[:3]
         return left, changed, size
 
     def keep(self, x: Tensor, code: Tensor, bits: int) -> None:
@@ -436,9 +440,9 @@ def _local(threshold: Threshold, offset: int, n: int) -> tuple[int, int]:
     return threshold.score, min(max(threshold.split - offset, 0), n)
 
 
-def _function(library: ctypes.CDLL, name: str, argtypes: list) -> ctypes._CFuncPtr:
+def _function(library: ctypes.CDLL, name: str, argtypes: list, restype: type | None = None) -> ctypes._CFuncPtr:
     function = getattr(library, name)
-    function.argtypes, function.restype = argtypes, None
+    function.argtypes, function.restype = argtypes, restype
     return function
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_topkast.kernels import GATHER_CAP, Threshold, Window
+from lightning_topkast.kernels import PICK_CAP, Pick, Threshold
 
 
 def count(density: float, numel: int) -> int:
@@ -232,19 +232,20 @@ class CountAtLeast:
 
 
 @dataclass(frozen=True)
-class Gather:
-    """A query of :func:`search_threshold`: the entries scoring in ``[lo, hi)``.
+class Window:
+    """A query of :func:`search_threshold`: the ``k``-th entry if it scores in ``[lo, hi)``.
 
-    Answered with a :class:`~lightning_topkast.kernels.Window`, its indices global.
+    Answered with a :class:`~lightning_topkast.kernels.Pick` (:meth:`~lightning_topkast.kernels.Kernels.pick`).
     """
 
     lo: int
     hi: int
+    k: int
 
 
-Query = CountAtLeast | Gather
-Found = tuple[Threshold, float | None]
-Search = Generator[Query, "list[int] | Window", "Found | None"]
+Query = CountAtLeast | Window
+Found = tuple[Threshold, float]
+Search = Generator[Query, "list[int] | Pick", "Found | None"]
 
 RUNGS_PER_SEARCH = 8  # two searches (A and B) share a 16-rung counting pass
 MAX_PASSES = 8  # beyond this many counting passes, a full selection is cheaper
@@ -255,35 +256,33 @@ def search_threshold(
 ) -> Search:
     """Find the :class:`Threshold` of the top ``k`` of ``size`` scores near the ``previous`` one, exactly.
 
-    A generator: it yields queries (:class:`CountAtLeast`, answered with the counts; :class:`Gather`, answered with
-    a :class:`~lightning_topkast.kernels.Window`) and returns ``(threshold, spacing)``, or None when a full
-    selection is cheaper. The threshold names the ``k``-th entry, as :func:`threshold` does, unless
-    ``at_previous``, the count of scores at or above ``previous`` now, is already ``k``: then ``previous`` still
-    splits the top ``k`` off and is returned. ``mantissa`` is the significand bits of θ's dtype; ``top`` the
-    largest score (that of inf); ``spacing`` the score units per entry near the threshold, measured at the last
-    search (None: unknown).
+    A generator: it yields queries (:class:`CountAtLeast`, answered with the counts; :class:`Window`, answered with
+    a :class:`~lightning_topkast.kernels.Pick`) and returns ``(threshold, spacing)``, or None when a full selection
+    is cheaper. The threshold names the ``k``-th entry, as :func:`threshold` does, unless ``at_previous``, the
+    count of scores at or above ``previous`` now, is already ``k``: then ``previous`` still splits the top ``k``
+    off and is returned. ``mantissa`` is the significand bits of θ's dtype; ``top`` the largest score (that of
+    inf); ``spacing`` the score units per entry near the threshold, measured at the last search (None: unknown).
 
-    Let F(x) count the scores >= x; F(previous) moved from ``k`` to ``at_previous``. With a spacing, one gather
-    around the score where F should now be ``k`` finds the ``k``-th entry. Otherwise, or if it misses, a pass counts
-    at a ladder of scores away from ``previous`` (relative steps 2^-20 to 2^-5, then the end of the range) to
-    bracket it, further passes narrow the bracket until it holds at most
-    :data:`~lightning_topkast.kernels.GATHER_CAP` entries, and a gather picks the entry.
+    Let F(x) count the scores >= x; F(previous) moved from ``k`` to ``at_previous``. With a spacing, one window
+    around the score where F should now be ``k`` finds the ``k``-th entry in one pass. Otherwise, or if it misses,
+    a pass counts at a ladder of scores away from ``previous`` (relative steps 2^-20 to 2^-5, then the end of the
+    range) to bracket it, further passes narrow the bracket until it holds at most
+    :data:`~lightning_topkast.kernels.PICK_CAP` entries, and a window over the bracket picks the entry.
     """
     if at_previous == k:
-        return previous, spacing
+        return previous, spacing or 0.0
     if k <= 0 or k >= size:
-        return Threshold(top + 1, 0) if k <= 0 else Threshold(-1, size), spacing
+        return (Threshold(top + 1, 0) if k <= 0 else Threshold(-1, size)), spacing or 0.0
     t, moved = previous.score, at_previous - k  # > 0: the k-th entry now scores above t
     known: dict[int, int] = {}  # F at scores counted so far
     if spacing:
         margin = 0.3 * abs(moved) + 4 * math.sqrt(abs(moved)) + 16  # entries; the guess is rarely off by more
         lo = max(-1, math.floor(t + (moved - margin) * spacing))
         hi = min(top + 1, math.ceil(t + (moved + margin) * spacing) + 1)
-        window = yield Gather(lo, hi)
-        found = _pick(k, lo, hi, window)
-        if found is not None:
-            return found
-        known.update({hi: window.above, lo: window.above + window.count})
+        found = yield Window(lo, hi, k)
+        if found.threshold is not None:
+            return found.threshold, (hi - lo) / found.count
+        known.update({hi: found.above, lo: found.above + found.count})
     steps = sorted({1 << max(0, mantissa - 20 + 3 * i) for i in range(RUNGS_PER_SEARCH - 2)})
     if moved > 0:  # F(t) >= at_previous > k: the k-th entry scores at or above t
         ladder = [t, *(min(t + step, top + 1) for step in steps), top + 1]
@@ -294,25 +293,14 @@ def search_threshold(
     for _ in range(MAX_PASSES):
         lo = max(x for x, f in known.items() if f >= k)  # F(lo) >= k > F(hi): the k-th entry is in [lo, hi)
         hi = min(x for x, f in known.items() if f < k)
-        if known[lo] - known[hi] <= GATHER_CAP:
-            return _pick(k, lo, hi, (yield Gather(lo, hi)))
+        if known[lo] - known[hi] <= PICK_CAP:
+            found = yield Window(lo, hi, k)
+            return None if found.threshold is None else (found.threshold, (hi - lo) / found.count)
         if hi == lo + 1:
-            return None  # more ties at one score than a gather holds
+            return None  # more ties at one score than a pick takes
         rungs = _rungs_inside(lo, hi, known[lo], known[hi], k)
         known.update(zip(rungs, (yield CountAtLeast(rungs)), strict=True))
     return None
-
-
-def _pick(k: int, lo: int, hi: int, window: Window) -> Found | None:
-    """The ``k``-th entry when ``window`` (all of ``[lo, hi)``) holds it: ``(threshold, spacing)``, else None."""
-    wanted = k - window.above  # its rank among the window's entries
-    if not 1 <= wanted <= window.count or window.count > window.scores.numel():
-        return None
-    value = torch.kthvalue(window.scores, window.count - wanted + 1).values
-    # among the entries scoring `value`, listed by index as the window lists them, take as many as still wanted
-    ties = torch.nonzero(window.scores == value).flatten()
-    entry = int(ties[wanted - int(torch.count_nonzero(window.scores > value)) - 1])
-    return Threshold(int(value), int(window.index[entry]) + 1), (hi - lo) / window.count
 
 
 def _rungs_inside(lo: int, hi: int, f_lo: int, f_hi: int, k: int) -> list[int]:
@@ -323,7 +311,7 @@ def _rungs_inside(lo: int, hi: int, f_lo: int, f_hi: int, k: int) -> list[int]:
     width, half = hi - lo, RUNGS_PER_SEARCH // 2
     even = {lo + width * (i + 1) // (half + 1) for i in range(half)}
     guess = lo + width * (f_lo - k) / (f_lo - f_hi)
-    spread = width / (f_lo - f_hi) * GATHER_CAP / 4  # a quarter of what one gather takes, in score units
+    spread = width / (f_lo - f_hi) * PICK_CAP / 4  # a quarter of what one pick takes, in score units
     near = {round(guess + sign * spread * 4**-i) for i in range(half // 2) for sign in (-1, 1)}
     return sorted(x for x in even | near if lo < x < hi)[:RUNGS_PER_SEARCH]
 
@@ -331,12 +319,12 @@ def _rungs_inside(lo: int, hi: int, f_lo: int, f_hi: int, k: int) -> list[int]:
 def search_thresholds(
     searches: Sequence[Search],
     count_at_least: Callable[[list[int]], list[int]],
-    gather: Callable[[list[tuple[int, int]]], list[Window]],
+    pick: Callable[[list[tuple[int, int, int]]], list[Pick]],
 ) -> list[Found | None]:
     """Run :func:`search_threshold` generators together, each round's queries answered in one pass.
 
-    ``count_at_least(rungs)`` counts the scores at or above each rung; ``gather(windows)`` returns a
-    :class:`~lightning_topkast.kernels.Window` per ``(lo, hi)``, with global indices.
+    ``count_at_least(rungs)`` counts the scores at or above each rung; ``pick(windows)`` answers ``(lo, hi, k)``
+    windows with :class:`~lightning_topkast.kernels.Pick` results.
     """
     results: list[Found | None] = [None] * len(searches)
     pending: dict[int, Query] = {}
@@ -356,9 +344,9 @@ def search_thresholds(
         if rungs:
             counts = iter(count_at_least([x for r in rungs.values() for x in r]))
             answers.update({i: [next(counts) for _ in r] for i, r in rungs.items()})
-        windows = {i: (q.lo, q.hi) for i, q in asked.items() if isinstance(q, Gather)}
+        windows = {i: (q.lo, q.hi, q.k) for i, q in asked.items() if isinstance(q, Window)}
         if windows:
-            answers.update(zip(windows, gather(list(windows.values())), strict=True))
+            answers.update(zip(windows, pick(list(windows.values())), strict=True))
         for i, answer in answers.items():
             advance(i, answer)
     return results

@@ -68,6 +68,8 @@ class MaskedTensor:
     theta: Tensor = field(init=False)
     code: Tensor = field(init=False)
     forward_size: Any = field(init=False, default=0)  # |A| now: an int, or a 0-dim tensor without host syncs
+    unit: _Unit = field(init=False, repr=False)  # the tensors selected together with this one
+    offset: int = field(init=False, default=0)  # index of this tensor's first entry in its unit
 
     def __post_init__(self) -> None:
         self.theta = self.param.detach().clone(memory_format=torch.contiguous_format)
@@ -120,15 +122,17 @@ class _Unit:
     since_refresh: int = 0
     spacing: tuple[float | None, float | None] = (None, None)  # score units per entry near A's and B's thresholds
     early_flag: Tensor | None = None  # without host syncs: the early-refresh test of the last step, read one late
+    size: int = field(init=False)
+    mantissa: int = field(init=False)  # of θ's dtype: a score step of 2 ** mantissa doubles |θ|
+    top: int = field(init=False)  # the score of inf
 
-    @property
-    def size(self) -> int:
-        return sum(t.numel for t in self.tensors)
-
-    @property
-    def offsets(self) -> list[int]:
-        """Global index of each tensor's first entry: ties across the pool go to the earlier tensor."""
-        return [sum(t.numel for t in self.tensors[:i]) for i in range(len(self.tensors))]
+    def __post_init__(self) -> None:
+        self.size = 0
+        for tensor in self.tensors:  # ties across a pool go to the earlier tensor: global indices in this order
+            tensor.unit, tensor.offset = self, self.size
+            self.size += tensor.numel
+        dtype = self.tensors[0].theta.dtype
+        self.mantissa, self.top = kernels.mantissa_bits(dtype), kernels.infinity_score(dtype)
 
 
 class TopKAST:
@@ -183,7 +187,6 @@ class TopKAST:
             raise ValueError("tensors in the global pool must share one forward density")
         self.units = [_unit([t]) for t in self.tensors.values() if not t.in_global_pool]
         self.units += [_unit(pool)] if pool else []
-        self._unit_of = {t.name: unit for unit in self.units for t in unit.tensors}
         self.update_interval = update_interval
         self.penalty = penalty
         self.decoupled_penalty = decoupled_penalty
@@ -288,59 +291,55 @@ class TopKAST:
             )
         self.steps[index] += 1
         counts = self._finish(index, pending)
-        units = list(dict.fromkeys(self._unit_of[t.name] for t in group))
-        due = {id(u): self._due(u, counts.get(id(u))) for u in units}
-        moved: dict[str, tuple[Any, Any]] = {}
-        for unit in units:
-            if due[id(unit)] is not None:
-                moved.update(self._refresh_unit(unit, counts.get(id(unit))))
-        if any(d is not None for d in due.values()):
+        units = list(dict.fromkeys(t.unit for t in group))
+        due = [self._due(unit, counts.get(unit)) for unit in units]
+        refreshed = [unit for unit, why in zip(units, due, strict=True) if why is not None]
+        if refreshed:
+            moved: dict[str, tuple[Any, Any]] = {}
+            for unit in refreshed:
+                moved.update(self._refresh_unit(unit, counts.get(unit)))
             self.refreshes += 1
-            self.early_refreshes += any(d == "early" for d in due.values())
+            self.early_refreshes += "early" in due
             for listener in self.refresh_listeners:
                 listener(moved)
-        refreshed = {t.name for u in units if due[id(u)] is not None for t in u.tensors}
         if index in self._unchecked or type(self._optimizers[index]) not in _STATE_STAYS_ZERO:
             # the first step after attach too: the optimizer may arrive with state restored from a dense run
             for tensor in group:
-                if tensor.name not in refreshed:  # a refresh zeroed these already
+                if tensor.unit not in refreshed:  # a refresh zeroed these already
                     for state in self._states(tensor):
                         tensor.kernels_for(state).keep(state, tensor.code, B_BIT)
         self._unchecked.discard(index)
 
-    def _finish(self, index: int, pending: list[MaskedTensor]) -> dict[int, FinishCounts | Tensor]:
+    def _finish(self, index: int, pending: list[MaskedTensor]) -> dict[_Unit, FinishCounts | Tensor]:
         """θ from the update, α back in the parameters, and the counts per unit against its thresholds."""
         decoupled = self.decoupled_penalty and self.penalty
         rates = {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]} if decoupled else {}
-        totals: dict[int, Any] = {}
+        totals: dict[_Unit, Any] = {}
         for tensor in pending:
-            unit = self._unit_of[tensor.name]
+            unit = tensor.unit
             dec_a = -rates[id(tensor.param)] * self.penalty if decoupled else 0.0
             dec_e = dec_a / tensor.forward_density
-            offset = unit.offsets[unit.tensors.index(tensor)]
             if self.sync_free:
                 torch_kernels: kernels.TorchKernels = tensor.kernels  # type: ignore[assignment]
                 torch_kernels.merge(tensor.theta, tensor.code, tensor.param, dec_a, dec_e)
                 if self.early_refresh is None:
                     continue
-                found = torch_kernels.finish_counts(tensor.theta, tensor.code, unit.forward, unit.backward, offset)
-            else:
-                work = tensor.kernels_for(tensor.param)
-                found = work.finish(
-                    tensor.theta, tensor.code, tensor.param, dec_a, dec_e, unit.forward, unit.backward, offset
+                found = torch_kernels.finish_counts(
+                    tensor.theta, tensor.code, unit.forward, unit.backward, tensor.offset
                 )
-            totals[id(unit)] = _add(totals.get(id(unit)), found)
-        self._pending -= {t.name for t in pending}
-        # pool members another optimizer steps were not finished here: count them as they stand
-        for unit in {id(self._unit_of[t.name]): self._unit_of[t.name] for t in pending}.values():
-            for offset, tensor in zip(unit.offsets, unit.tensors, strict=True):
-                if tensor not in pending and (self.early_refresh is not None or not self.sync_free):
+            else:
+                found = tensor.kernels_for(tensor.param).finish(
+                    tensor.theta, tensor.code, tensor.param, dec_a, dec_e, unit.forward, unit.backward, tensor.offset
+                )
+            totals[unit] = _add(totals.get(unit), found)
+        self._pending.difference_update(t.name for t in pending)
+        for unit in totals:  # members of a pool that another optimizer steps were not finished here: as they stand
+            for tensor in unit.tensors if len(unit.tensors) > 1 else ():
+                if tensor not in pending:
                     found = kernels.TorchKernels().finish_counts(
-                        tensor.theta, tensor.code, unit.forward, unit.backward, offset
+                        tensor.theta, tensor.code, unit.forward, unit.backward, tensor.offset
                     )
-                    totals[id(unit)] = _add(
-                        totals[id(unit)], found if self.sync_free else FinishCounts(*found.tolist())
-                    )
+                    totals[unit] = _add(totals[unit], found if self.sync_free else FinishCounts(*found.tolist()))
         return totals
 
     def _due(self, unit: _Unit, counts: FinishCounts | Tensor | None) -> str | None:
@@ -369,7 +368,7 @@ class TopKAST:
     def refresh(self, tensors: Sequence[MaskedTensor] | None = None) -> None:
         """Re-select A and B of ``tensors`` (default: all; the whole global pool if any is in it) from |θ|."""
         chosen = self.tensors.values() if tensors is None else tensors
-        units = list(dict.fromkeys(self._unit_of[t.name] for t in chosen))
+        units = list(dict.fromkeys(t.unit for t in chosen))
         moved: dict[str, tuple[Any, Any]] = {}
         for unit in units:
             moved.update(self._refresh_unit(unit, None))
@@ -387,16 +386,14 @@ class TopKAST:
             counts.backward_kept == counts.backward_all == unit.backward_k
         ):
             return {name: (0, size) for name, size in sizes.items()}  # the sets still split where they did
-        dtype = unit.tensors[0].theta.dtype
-        mantissa, top = kernels.mantissa_bits(dtype), kernels.infinity_score(dtype)
         searches = [
-            selection.search_threshold(k, previous, at_previous, unit.size, mantissa, top, spacing)
+            selection.search_threshold(k, previous, at_previous, unit.size, unit.mantissa, unit.top, spacing)
             for k, previous, at_previous, spacing in (
                 (unit.forward_k, unit.forward, counts.forward_all, unit.spacing[0]),
                 (unit.backward_k, unit.backward, counts.backward_all, unit.spacing[1]),
             )
         ]
-        found = selection.search_thresholds(searches, partial(_count_at_least, unit), partial(_gather, unit))
+        found = selection.search_thresholds(searches, partial(_count_at_least, unit), partial(_pick, unit))
         if None in found:
             return self._select(unit, sizes)
         (unit.forward, forward_spacing), (unit.backward, backward_spacing) = found  # type: ignore[misc]
@@ -416,8 +413,8 @@ class TopKAST:
 
     def _apply(self, unit: _Unit, sizes: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
         moved = {}
-        for offset, tensor in zip(unit.offsets, unit.tensors, strict=True):
-            states = self._states(tensor)
+        for tensor in unit.tensors:
+            states, offset = self._states(tensor), tensor.offset
             pending = tensor.name in self._pending  # its parameter holds θ on B now: α comes when its step ends
             target = tensor.param if not pending else torch.empty_like(tensor.theta)
             if self.sync_free:
@@ -545,7 +542,7 @@ class TopKAST:
             tensor.forward_size = int(torch.count_nonzero(tensor.code & A_BIT))
             tensor.write_forward_weights()
         for saved in state["units"]:
-            unit = self._unit_of[saved["tensors"][0]]
+            unit = self.tensors[saved["tensors"][0]].unit
             device = unit.tensors[0].theta.device
             unit.forward, unit.backward = (
                 _threshold(saved[key], self.sync_free, device) for key in ("forward_threshold", "backward_threshold")
@@ -578,17 +575,10 @@ def _count_at_least(unit: _Unit, rungs: list[int]) -> list[int]:
     return totals
 
 
-def _gather(unit: _Unit, windows: list[tuple[int, int]]) -> list[kernels.Window]:
-    parts = [t.kernels.gather(t.theta, windows) for t in unit.tensors]
-    return [
-        kernels.Window(
-            sum(p[w].above for p in parts),
-            sum(p[w].count for p in parts),
-            torch.cat([p[w].scores for p in parts]),
-            torch.cat([p[w].index + offset for p, offset in zip(parts, unit.offsets, strict=True)]),
-        )
-        for w in range(len(windows))
-    ]
+def _pick(unit: _Unit, windows: list[tuple[int, int, int]]) -> list[kernels.Pick]:
+    kinds = {(type(t.kernels), t.theta.dtype) for t in unit.tensors}
+    work = unit.tensors[0].kernels if len(kinds) == 1 else kernels.TorchKernels()  # a pool of mixed dtypes
+    return work.pick([t.theta for t in unit.tensors], windows)
 
 
 def _add(total: Any, counts: Any) -> Any:

@@ -70,7 +70,9 @@ def cases(draw: st.DrawFn) -> dict:
         "decoupled": draw(st.sampled_from([(0.0, 0.0), (-1e-3, -5e-3)])),
         "states": draw(st.integers(0, 4)),
         "rungs": sorted({*picks, -1, 0, int(scores.max()) + 1}),
-        "windows": [(min(picks), max(picks) + 1), (-1, min(picks))][: draw(st.integers(1, 2))],
+        "windows": [(min(picks), max(picks) + 1, draw(st.integers(0, n + 1))), (-1, min(picks), n // 2)][
+            : draw(st.integers(1, 2))
+        ],
         "seed": draw(st.integers(0, 1000)),
     }
 
@@ -87,7 +89,8 @@ def _run(work: kernels.Kernels, case: dict) -> list:
     out.append(work.finish(theta, code, param, *case["decoupled"], case["forward"], case["backward"], case["offset"]))
     out += [theta.clone(), param.clone()]
     out.append(work.count_at_least(theta, case["rungs"]))
-    out.append([tuple(w) for w in work.gather(theta, case["windows"])])
+    out.append(work.pick([theta], case["windows"]))
+    out.append(work.pick([theta[: len(theta) // 3], theta[len(theta) // 3 :]], case["windows"]))  # a pool of two
     out.append(work.apply(theta, code, param, case["forward"], case["backward"], case["offset"], states))
     out += [code.clone(), param.clone(), [s.clone() for s in states]]
     work.keep(states[0] if states else param, code, A_BIT | B_BIT)
@@ -172,20 +175,23 @@ def test_at_least_with_tensor_thresholds_equals_the_int_form() -> None:
                 assert torch.equal(found, expected), (t, split, offset)
 
 
-def test_gather_lists_a_window_in_index_order_and_counts_past_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
-    theta = torch.arange(1000, dtype=torch.float32).flip(0)
-    scores = kernels.scores(theta)
-    window = (int(scores[899]), int(scores[99]))  # the values 100 to 899, at indices 100 to 899
+def test_pick_names_the_kth_entry_across_a_pool_with_ties_by_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    theta = torch.tensor([5.0, 3.0, 3.0, 9.0, 3.0, 1.0, 3.0, 7.0])  # by |θ|: 9 (3), 7 (7), 5 (0), then the 3s by index
+    s = kernels.scores(theta)
+    three, five = int(s[1]), int(s[0])
+    parts = [theta[:3], theta[3:]]
     for work in (kernels.for_tensor(theta), TorchKernels()):
-        (found,) = work.gather(theta, [window])
-        assert (found.above, found.count) == (100, 800)
-        assert torch.equal(found.index, torch.arange(100, 900))
-        assert torch.equal(found.scores, scores[100:900].long())
-    monkeypatch.setattr(kernels, "GATHER_CAP", 300)
+        (found,) = work.pick(parts, [(three, five, 5)])  # the 5th entry: the second 3, at index 2
+        assert found == kernels.Pick(3, 4, Threshold(three, 3))
+        mask = kernels.at_least(s, found.threshold)
+        assert mask.tolist() == [True, True, True, True, False, False, False, True]
+        outside, inside = work.pick(parts, [(three, five, 2), (three, five + 1, 7)])
+        assert outside == kernels.Pick(3, 4, None)  # the 2nd entry scores above the window
+        assert inside == kernels.Pick(2, 5, Threshold(three, 7))  # 5 and the four 3s; the 7th entry is the last 3
+    monkeypatch.setattr(kernels, "PICK_CAP", 3)
     for work in (kernels.for_tensor(theta), TorchKernels()):
-        (found,) = work.gather(theta, [window])
-        assert (found.above, found.count) == (100, 800)  # the count is whole ...
-        assert torch.equal(found.index, torch.arange(100, 400))  # ... the list stops at the cap
+        (found,) = work.pick(parts, [(three, five, 5)])
+        assert found == kernels.Pick(3, 4, None)  # four entries in the window: over the cap, counts only
 
 
 # --- choosing and building -----------------------------------------------------------------------------------------

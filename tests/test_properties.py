@@ -230,7 +230,7 @@ def _search(theta: torch.Tensor, k: int, previous: Threshold, spacing: float | N
     at_previous = int(kernels.at_least(scores, previous).sum())
     mantissa, top = kernels.mantissa_bits(theta.dtype), kernels.infinity_score(theta.dtype)
     search = search_threshold(k, previous, at_previous, theta.numel(), mantissa, top, spacing)
-    (found,) = search_thresholds([search], lambda r: work.count_at_least(theta, r), lambda w: work.gather(theta, w))
+    (found,) = search_thresholds([search], lambda r: work.count_at_least(theta, r), lambda w: work.pick([theta], w))
     return None if found is None else found[0]
 
 
@@ -240,21 +240,21 @@ def _search(theta: torch.Tensor, k: int, previous: Threshold, spacing: float | N
     d=densities,
     moves=st.lists(st.tuples(st.integers(0, 2**31 - 1), st.sampled_from([1e-3, 0.1, 10.0]), st.booleans()), max_size=4),
     spacing=st.sampled_from([None, 1.0, 1e3, 1e6]),
-    cap=st.sampled_from([kernels.GATHER_CAP, 3]),
+    cap=st.sampled_from([kernels.PICK_CAP, 3]),
 )
 def test_incremental_refresh_equals_the_full_stable_top_k(
     theta: torch.Tensor, d: float, moves: list, spacing: float | None, cap: int
 ) -> None:
     """After any sequence of changes to θ, the search from the last threshold finds the stable top-k exactly.
 
-    Steps move a random part of θ by a random relative amount, sometimes into NaN or inf; a small gather cap
+    Steps move a random part of θ by a random relative amount, sometimes into NaN or inf; a small pick cap
     forces the narrowing passes and the fallback to a full selection.
     """
     flat = theta.flatten().clone()
     n, k = flat.numel(), count(d, flat.numel())
     previous = threshold(kernels.scores(flat), k)
-    original_cap = kernels.GATHER_CAP
-    selection_module.GATHER_CAP = cap
+    original_cap = kernels.PICK_CAP
+    selection_module.PICK_CAP = kernels.PICK_CAP = cap
     try:
         for seed, scale, poison in moves:
             g = torch.Generator().manual_seed(seed)
@@ -270,7 +270,7 @@ def test_incremental_refresh_equals_the_full_stable_top_k(
             assert flat_indices(kernels.at_least(kernels.scores(flat), found)) == expected
             previous = found
     finally:
-        selection_module.GATHER_CAP = original_cap
+        selection_module.PICK_CAP = kernels.PICK_CAP = original_cap
 
 
 @settings(max_examples=25, deadline=None)
@@ -316,7 +316,7 @@ def test_engine_sets_equal_the_full_select_after_every_refresh(
             global_forward_backward_sets(thetas, d, dm) if pool else [forward_backward_sets(t, d, dm) for t in thetas]
         )
         for name, (a, b) in zip(names, sets, strict=True):
-            if engine.refreshes > refreshes and engine._unit_of[name].since_refresh == 0:  # refreshed in this step
+            if engine.refreshes > refreshes and engine.tensors[name].unit.since_refresh == 0:  # refreshed in this step
                 assert torch.equal(engine.tensors[name].forward_set, a), (step, name)
                 assert torch.equal(engine.tensors[name].backward_set, b), (step, name)
         for name in names:
