@@ -97,6 +97,7 @@ class Run:
     ablation: str = ""
     backward_sparsity: float | None = None
     update_interval: int = 1
+    early_refresh: float | None = None
     exploration_penalty: float = 1e-4
     lr: float | None = None  # None: the task's chosen learning rate
     split: str = "test"
@@ -171,6 +172,7 @@ def train_and_evaluate(run: Run, data_dir: str | None, quick: bool, threads: int
         prune_epochs=round(common.SCHEDULE_END * steps / epoch_steps),
         backward_sparsity=run.backward_sparsity,
         update_interval=run.update_interval,
+        early_refresh=run.early_refresh,
         exploration_penalty=run.exploration_penalty,
     )
     trainer = L.Trainer(
@@ -194,12 +196,15 @@ def train_and_evaluate(run: Run, data_dir: str | None, quick: bool, threads: int
     if quick:  # a smoke run checks the plumbing, not the number
         evaluation = tuple(t[: len(t) // 10] for t in evaluation)
     metric = module.evaluate(*evaluation)
+    engine = getattr(callbacks[0], "engine", None) if callbacks else None
     return {
         **asdict(run),
         "metric": metric,
         "density": common.masked_density(module),
         "steps": trainer.global_step,
         "seconds": time.perf_counter() - start,
+        "refreshes": None if engine is None else engine.refreshes,
+        "early_refreshes": None if engine is None else engine.early_refreshes,
     }
 
 

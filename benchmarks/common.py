@@ -65,6 +65,22 @@ class ImageCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
+class LeNet300100(nn.Module):
+    """LeNet-300-100 (LeCun et al., 1998): a 784-300-100-10 MLP on flattened 28x28 images, 266,200 weights.
+
+    The sparse-training literature's smallest benchmark; its first layer (235,200 weights) is the one kept dense.
+    """
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, 300)
+        self.fc2 = nn.Linear(300, 100)
+        self.fc3 = nn.Linear(100, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
 class Block(nn.Module):
     """A pre-norm Transformer block: causal self-attention and a GELU MLP, each as plain ``nn.Linear`` layers."""
 
@@ -136,7 +152,8 @@ def warmup_cosine(total_steps: int, warmup: float = 0.05) -> Callable[[int], flo
 
 
 class ImageClassifier(L.LightningModule):
-    """Fashion-MNIST classifier: SGD with Nesterov momentum and weight decay, warm-up then cosine learning rate."""
+    """Fashion-MNIST classifier (``arch``: ``"cnn"`` or ``"lenet"``): SGD with Nesterov momentum and weight decay,
+    warm-up then cosine learning rate."""
 
     def __init__(
         self,
@@ -145,10 +162,11 @@ class ImageClassifier(L.LightningModule):
         weight_decay: float = 5e-4,
         channels: Sequence[int] = (16, 32),
         hidden: int = 256,
+        arch: str = "cnn",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = ImageCNN(channels, hidden)
+        self.model = LeNet300100() if arch == "lenet" else ImageCNN(channels, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -398,6 +416,7 @@ def method_callbacks(
     prune_epochs: int = 1,
     backward_sparsity: float | None = None,
     update_interval: int = 1,
+    early_refresh: float | None = None,
     exploration_penalty: float = 1e-4,
 ) -> list[Callback]:
     """The callbacks that make a ``Trainer`` train with method ``name`` at forward ``sparsity``.
@@ -409,7 +428,8 @@ def method_callbacks(
         prune_epochs: training epochs over which ``pruning`` reaches ``sparsity`` (it prunes at epoch ends).
         backward_sparsity: Top-KAST's backward sparsity; by default the pair in :data:`TOPKAST_BACKWARD` (80/50,
             90/80, 95/90), else ``sparsity`` (B = A).
-        update_interval: Top-KAST's optimizer steps between refreshes.
+        update_interval: Top-KAST's most optimizer steps between refreshes.
+        early_refresh: Top-KAST's early-refresh fraction (None: refresh at the interval only).
         exploration_penalty: Top-KAST's λ.
     """
     if name == "dense":
@@ -421,6 +441,7 @@ def method_callbacks(
                 forward_sparsity=sparsity,
                 backward_sparsity=backward,
                 update_interval=update_interval,
+                early_refresh=early_refresh,
                 exploration_penalty=exploration_penalty,
                 verbose=False,
             )
@@ -452,6 +473,61 @@ def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[flo
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return samples
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a result: versions, machine, threads, the git commit (and whether the tree was dirty), the
+    command line, the time. Every JSON the benchmarks write carries it."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def git(*args: str) -> str:
+        root = Path(__file__).resolve().parents[1]
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "argv": sys.argv,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {
+            name: version(name)
+            for name in ("torch", "lightning", "lightning-topkast", "rigl-torch", "numpy", "torchmetrics")
+        },
+    }
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """``record`` with :func:`provenance` under ``"provenance"``, as indented JSON at ``path``."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**record, "provenance": provenance()}, indent=1))
+    print(f"json: {path}")
 
 
 def new_figure(width: float, height: float) -> tuple[Any, Any]:

@@ -1,20 +1,23 @@
-"""Training step time of Top-KAST against dense and the alternatives, side by side in one run, as ratios to dense.
+"""Training step time and peak memory of Top-KAST against dense and the alternatives, side by side in one run.
 
     python benchmarks/overhead.py --repeats 5 --plot benchmarks/results/overhead.png
-    python benchmarks/overhead.py --memory          # peak memory, one fresh process per model and method
+    python benchmarks/overhead.py --memory          # peak memory, and the callback's bytes per masked weight
 
-Two models whose dense step takes well over 50 ms on a 2-core CPU: a CNN on 28x28 images and a character-level
-Transformer language model (:mod:`common`'s, made bigger), trained with bf16 autocast on synthetic batches of the
-real shapes (the data do not change the cost). Methods, all at 80% sparsity on the same tensors: dense; Top-KAST
-80/50 with ``update_interval`` 100 and 1; Lightning's ``ModelPruning`` (already pruned: its per-step cost is the
-mask multiply of ``torch.nn.utils.prune``); rigl-torch (``delta`` 100).
+Three models, trained with bf16 autocast on synthetic batches of the real shapes (the data do not change the cost):
+LeNet-300-100 at batch 128 (a ~4 ms step, where fixed per-step costs show), a CNN on 28x28 images and a
+character-level Transformer language model (:mod:`common`'s, made bigger: dense steps of ~80 and ~120 ms), the LM
+with ``AdamW(fused=True)``, which the callback advises on CPU (``--unfused`` for torch's default). Methods, all at
+80% sparsity on the same tensors: dense; Top-KAST 80/50 refreshing every step (``update_interval=1``), at most
+every 100 steps with the early refresh (``early_refresh=0.01``, the defaults) and without it; Lightning's
+``ModelPruning`` (already pruned: its per-step cost is the mask multiply of ``torch.nn.utils.prune``); rigl-torch
+(``delta`` 100).
 
 Each run trains ``--warmup`` steps (one epoch; ModelPruning prunes at its end), then times the next ``--steps``
 optimizer steps from batch start to batch start, so everything between (refreshes, RigL updates, epoch ends)
-counts; the default 100 steps hold one Top-KAST refresh at interval 100 and one RigL update. Every run is a fresh
-process, so no run inherits another's allocator or thread-pool state. Runs are interleaved (every method once per
-repeat, in a rotating order) so slow drifts of a shared machine hit all alike; the ratio to dense is taken within
-each repeat and the table shows the median over repeats, with the smallest and largest.
+counts. Every run is a fresh process, so no run inherits another's allocator or thread-pool state. Runs are
+interleaved (every method once per repeat, in a rotating order) so slow drifts of a shared machine hit all alike.
+The table gives the median milliseconds per step of each method and the ratio of the medians to dense; beside it
+the smallest and largest ratio to the dense run of the same repeat. Raw times go to ``--json``.
 """
 
 from __future__ import annotations
@@ -38,15 +41,21 @@ import common
 SPARSITY = 0.8
 METHODS: dict[str, dict[str, Any]] = {
     "dense": {"name": "dense"},
-    "Top-KAST, interval 100": {"name": "topkast", "update_interval": 100},
-    "Top-KAST, interval 1": {"name": "topkast", "update_interval": 1},
+    "Top-KAST, interval 1": {"name": "topkast", "update_interval": 1, "early_refresh": 0.01},
+    "Top-KAST, interval 100, early refresh": {"name": "topkast", "update_interval": 100, "early_refresh": 0.01},
+    "Top-KAST, interval 100, no early refresh": {"name": "topkast", "update_interval": 100, "early_refresh": None},
     "ModelPruning": {"name": "pruning"},
     "RigL (rigl-torch)": {"name": "rigl"},
 }
+MODELS = ("lenet", "cnn", "lm")
 VOCAB = 80  # the size of the King James Bible's character set
+# LeNet's step is ~50x shorter: more steps keep its timed window (and its share of refreshes) comparable
+STEPS_SCALE = {"lenet": 5}
 
 
-def make_model(model: str, total_steps: int, fused: bool = False) -> L.LightningModule:
+def make_model(model: str, total_steps: int, fused: bool = True) -> L.LightningModule:
+    if model == "lenet":
+        return common.ImageClassifier(total_steps, arch="lenet")
     if model == "cnn":
         return common.ImageClassifier(total_steps, channels=(32, 64), hidden=1024)
     return common.CharLM(VOCAB, total_steps, d_model=256, n_layers=4, n_heads=8, context=64, fused=fused)
@@ -54,8 +63,8 @@ def make_model(model: str, total_steps: int, fused: bool = False) -> L.Lightning
 
 def make_batches(model: str, batches: int) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    if model == "cnn":
-        batch = 256
+    if model in ("lenet", "cnn"):
+        batch = 128 if model == "lenet" else 256
         data = TensorDataset(
             torch.randn(batches * batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batches * batch,), generator=g)
         )
@@ -80,9 +89,11 @@ class StepClock(L.Callback):
             trainer.should_stop = True
 
 
-def run(model_name: str, method: str, warmup: int, steps: int, fused: bool = False) -> float:
-    """One training run; returns seconds per optimizer step over the timed window."""
+def run(model_name: str, method: str, warmup: int, steps: int, fused: bool = True) -> dict[str, float]:
+    """One training run: seconds per optimizer step over the timed window, and the callback's bytes per weight."""
     L.seed_everything(0, verbose=False)
+    scale = STEPS_SCALE.get(model_name, 1)
+    warmup, steps = warmup * scale, steps * scale
     total = warmup + steps + 1
     config = dict(METHODS[method])
     clock = StepClock(warmup, steps)
@@ -100,108 +111,134 @@ def run(model_name: str, method: str, warmup: int, steps: int, fused: bool = Fal
         callbacks=[*callbacks, clock],
     )
     trainer.fit(make_model(model_name, 10 * total, fused), make_batches(model_name, warmup))
-    return clock.seconds_per_step
+    engine = getattr(callbacks[0], "engine", None) if callbacks else None
+    per_weight = float("nan")
+    if engine is not None:
+        per_weight = engine.memory_bytes() / sum(t.numel for t in engine.tensors.values())
+    return {"seconds": clock.seconds_per_step, "bytes_per_weight": per_weight}
 
 
-def run_in_process(model: str, method: str, warmup: int, steps: int, fused: bool = False) -> tuple[float, float]:
-    """One run in a fresh Python process: (seconds per step, peak resident memory in MiB)."""
+def run_in_process(model: str, method: str, warmup: int, steps: int, fused: bool = True) -> dict[str, float]:
+    """One run in a fresh Python process: seconds per step, peak resident memory (MiB), callback bytes per weight."""
     cmd = [sys.executable, __file__, "--one", model, method, "--warmup", str(warmup), "--steps", str(steps)]
-    cmd += ["--fused"] if fused else []
-    seconds, peak = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-2:]
-    return float(seconds), float(peak)
+    cmd += [] if fused else ["--unfused"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
+    seconds, per_weight, peak = (float(x) for x in out[-3:])
+    return {"seconds": seconds, "bytes_per_weight": per_weight, "peak_mib": peak}
 
 
 def timing(
-    models: list[str], repeats: int, warmup: int, steps: int, fused: bool = False
+    models: list[str], methods: list[str], repeats: int, warmup: int, steps: int, fused: bool
 ) -> dict[str, dict[str, list[float]]]:
     """Seconds per step of every run, per model and method, in repeat order."""
-    names = list(METHODS)
-    times: dict[str, dict[str, list[float]]] = {m: {n: [] for n in names} for m in models}
+    times: dict[str, dict[str, list[float]]] = {m: {n: [] for n in methods} for m in models}
     for repeat in range(repeats):
-        order = names[repeat % len(names) :] + names[: repeat % len(names)]
+        order = methods[repeat % len(methods) :] + methods[: repeat % len(methods)]
         for model in models:
             for method in order:
-                times[model][method].append(run_in_process(model, method, warmup, steps, fused)[0])
+                times[model][method].append(run_in_process(model, method, warmup, steps, fused)["seconds"])
                 print(
-                    f"  repeat {repeat + 1}/{repeats} {model:4s} {method:24s} {times[model][method][-1] * 1e3:7.1f} ms",
+                    f"  repeat {repeat + 1}/{repeats} {model:5s} {method:42s} {times[model][method][-1] * 1e3:8.2f} ms",
                     file=sys.stderr,
                     flush=True,
                 )
     return times
 
 
-def paired_ratios(by_method: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Each run's time over the dense run's of the same repeat."""
-    return {name: [t / d for t, d in zip(v, by_method["dense"], strict=True)] for name, v in by_method.items()}
+def summarise(by_method: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Median ms per step, the ratio of medians to dense, and the range of the ratios paired within repeats."""
+    dense = statistics.median(by_method["dense"])
+    summary = {}
+    for name, seconds in by_method.items():
+        paired = [t / d for t, d in zip(seconds, by_method["dense"], strict=True)]
+        summary[name] = {
+            "median_ms": statistics.median(seconds) * 1e3,
+            "ratio_of_medians": statistics.median(seconds) / dense,
+            "paired_min": min(paired),
+            "paired_max": max(paired),
+        }
+    return summary
 
 
-def peak_memory(models: list[str], warmup: int, steps: int) -> None:
-    print("| model | method | peak RSS (MiB) | ratio to dense |")
-    print("|---|---|---|---|")
+def peak_memory(models: list[str], methods: list[str], warmup: int, steps: int, fused: bool) -> dict[str, Any]:
+    print("| model | method | peak RSS (MiB) | ratio to dense | callback bytes per masked weight |")
+    print("|---|---|---|---|---|")
+    found: dict[str, Any] = {}
     for model in models:
-        peaks = {}
-        for method in METHODS:
-            peaks[method] = run_in_process(model, method, warmup, steps)[1]
-            print(f"| {model} | {method} | {peaks[method]:.0f} | {peaks[method] / peaks['dense']:.2f} |", flush=True)
+        found[model] = {}
+        for method in methods:
+            found[model][method] = r = run_in_process(model, method, warmup, steps, fused)
+            per_weight = "" if r["bytes_per_weight"] != r["bytes_per_weight"] else f"{r['bytes_per_weight']:.2f}"
+            ratio = r["peak_mib"] / found[model]["dense"]["peak_mib"]
+            print(f"| {model} | {method} | {r['peak_mib']:.0f} | {ratio:.3f} | {per_weight} |", flush=True)
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["cnn", "lm"], choices=["cnn", "lm"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=25)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=25, help=f"steps before timing (x{STEPS_SCALE} for those)")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of the ratios here")
+    parser.add_argument("--json", type=Path, default=None, help="write every run's figures here")
     parser.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
-    parser.add_argument(
-        "--fused", action="store_true", help="the LM's AdamW with fused=True (CPU: fast sqrt of zero state)"
-    )
+    parser.add_argument("--unfused", action="store_true", help="the LM's AdamW without fused=True (torch's default)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    fused = not args.unfused
 
     if args.one:
-        seconds = run(*args.one, args.warmup, args.steps, args.fused)
-        print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+        r = run(*args.one, args.warmup, args.steps, fused)
+        print(r["seconds"], r["bytes_per_weight"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return
+    if "dense" not in args.methods:
+        args.methods.insert(0, "dense")
     if args.memory:
-        peak_memory(args.models, args.warmup, min(args.steps, 10))
+        found = peak_memory(args.models, args.methods, args.warmup, min(args.steps, 10), fused)
+        if args.json:
+            common.write_json(args.json, {"kind": "memory", "sparsity": SPARSITY, "fused": fused, "runs": found})
         return
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16-mixed, sparsity {SPARSITY:.0%}; "
-        f"median of {args.repeats} runs of {args.steps} steps, each in a fresh process"
-        + ("; the LM's AdamW fused" if args.fused else "")
+        f"median of {args.repeats} runs of {args.steps} steps ({STEPS_SCALE} times more for those), each in a fresh "
+        f"process; the LM's AdamW {'fused' if fused else 'unfused'}"
     )
-    times = timing(args.models, args.repeats, args.warmup, args.steps, args.fused)
-    ratios = {model: paired_ratios(by_method) for model, by_method in times.items()}
-    print("| model | method | ms per step | ratio to dense | smallest–largest ratio |")
+    times = timing(args.models, args.methods, args.repeats, args.warmup, args.steps, fused)
+    summary = {model: summarise(by_method) for model, by_method in times.items()}
+    print("| model | method | ms per step (median) | ratio of medians to dense | paired ratios, smallest–largest |")
     print("|---|---|---|---|---|")
-    for model, by_method in times.items():
-        for method, seconds in by_method.items():
-            r = ratios[model][method]
+    for model, rows in summary.items():
+        for method, r in rows.items():
             print(
-                f"| {model} | {method} | {statistics.median(seconds) * 1e3:.1f} | {statistics.median(r):.3f} "
-                f"| {min(r):.3f}–{max(r):.3f} |"
+                f"| {model} | {method} | {r['median_ms']:.2f} | {r['ratio_of_medians']:.3f} "
+                f"| {r['paired_min']:.3f}–{r['paired_max']:.3f} |"
             )
+    if args.json:
+        record = {"kind": "time", "sparsity": SPARSITY, "fused": fused, "steps": args.steps, "warmup": args.warmup}
+        common.write_json(args.json, {**record, "seconds": times, "summary": summary})
     if args.plot:
-        plot(ratios, args.plot)
+        plot(summary, args.plot)
 
 
-def plot(ratios: dict[str, dict[str, list[float]]], path: Path) -> None:
-    methods = [m for m in METHODS if m != "dense"]
-    fig, ax = common.new_figure(6.5, 3.2)
-    width = 0.8 / len(ratios)
-    for i, (model, by_method) in enumerate(ratios.items()):
-        medians = [statistics.median(by_method[m]) for m in methods]
+def plot(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
+    methods = [m for m in next(iter(summary.values())) if m != "dense"]
+    fig, ax = common.new_figure(7.5, 3.4)
+    width = 0.8 / len(summary)
+    for i, (model, rows) in enumerate(summary.items()):
+        ratios = [rows[m]["ratio_of_medians"] for m in methods]
         spread = [
-            [med - min(by_method[m]) for med, m in zip(medians, methods, strict=True)],
-            [max(by_method[m]) - med for med, m in zip(medians, methods, strict=True)],
+            [r - rows[m]["paired_min"] for r, m in zip(ratios, methods, strict=True)],
+            [rows[m]["paired_max"] - r for r, m in zip(ratios, methods, strict=True)],
         ]
         x = [j + i * width for j in range(len(methods))]
-        ax.bar(x, medians, width=width, yerr=spread, capsize=3, label=model)
+        ax.bar(x, ratios, width=width, yerr=spread, capsize=3, label=model)
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_xticks([j + width * (len(ratios) - 1) / 2 for j in range(len(methods))], methods, fontsize=8)
-    ax.set(ylabel="step time / dense", title="Step time relative to dense (CPU, bf16; bars: median, whiskers: range)")
+    labels = [m.replace("Top-KAST, ", "Top-KAST\n").replace(", ", "\n") for m in methods]
+    ax.set_xticks([j + width * (len(summary) - 1) / 2 for j in range(len(methods))], labels, fontsize=7)
+    ax.set(ylabel="step time / dense", title="Step time relative to dense (CPU, bf16; ratio of medians, paired range)")
     ax.legend()
     common.save_figure(fig, path)
 

@@ -294,10 +294,11 @@ class TopKAST:
         units = list(dict.fromkeys(t.unit for t in group))
         due = [self._due(unit, counts.get(unit)) for unit in units]
         refreshed = [unit for unit, why in zip(units, due, strict=True) if why is not None]
+        applied: set[_Unit] = set()  # units whose sets were written anew, optimizer state with them
         if refreshed:
             moved: dict[str, tuple[Any, Any]] = {}
             for unit in refreshed:
-                moved.update(self._refresh_unit(unit, counts.get(unit)))
+                moved.update(self._refresh_unit(unit, counts.get(unit), applied))
             self.refreshes += 1
             self.early_refreshes += "early" in due
             for listener in self.refresh_listeners:
@@ -305,7 +306,7 @@ class TopKAST:
         if index in self._unchecked or type(self._optimizers[index]) not in _STATE_STAYS_ZERO:
             # the first step after attach too: the optimizer may arrive with state restored from a dense run
             for tensor in group:
-                if tensor.unit not in refreshed:  # a refresh zeroed these already
+                if tensor.unit not in applied:
                     for state in self._states(tensor):
                         tensor.kernels_for(state).keep(state, tensor.code, B_BIT)
         self._unchecked.discard(index)
@@ -371,21 +372,33 @@ class TopKAST:
         units = list(dict.fromkeys(t.unit for t in chosen))
         moved: dict[str, tuple[Any, Any]] = {}
         for unit in units:
-            moved.update(self._refresh_unit(unit, None))
+            moved.update(self._refresh_unit(unit, None, set()))
         self.refreshes += 1
         for listener in self.refresh_listeners:
             listener(moved)
 
-    def _refresh_unit(self, unit: _Unit, counts: FinishCounts | Tensor | None) -> dict[str, tuple[Any, Any]]:
-        """New sets for ``unit``; returns the turnover ``{name: (left, size)}`` of each of its tensors."""
+    def _refresh_unit(
+        self, unit: _Unit, counts: FinishCounts | Tensor | None, applied: set[_Unit]
+    ) -> dict[str, tuple[Any, Any]]:
+        """New sets for ``unit``; returns the turnover ``{name: (left, size)}`` of each of its tensors.
+
+        ``unit`` joins ``applied`` when its sets (and optimizer state) are written, which a refresh that finds them
+        unchanged skips.
+        """
         unit.since_refresh, unit.early_flag = 0, None  # this step's early test measured the old sets
         sizes = {t.name: t.forward_size for t in unit.tensors}
-        if self.sync_free or counts is None:
-            return self._select(unit, sizes)
-        if counts.forward_kept == counts.forward_all == unit.forward_k and (
-            counts.backward_kept == counts.backward_all == unit.backward_k
+        if (
+            not self.sync_free
+            and counts is not None
+            and (
+                counts.forward_kept == counts.forward_all == unit.forward_k
+                and counts.backward_kept == counts.backward_all == unit.backward_k
+            )
         ):
             return {name: (0, size) for name, size in sizes.items()}  # the sets still split where they did
+        applied.add(unit)
+        if self.sync_free or counts is None:
+            return self._select(unit, sizes)
         searches = [
             selection.search_threshold(k, previous, at_previous, unit.size, unit.mantissa, unit.top, spacing)
             for k, previous, at_previous, spacing in (

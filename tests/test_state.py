@@ -23,6 +23,8 @@ OPTIMIZERS: dict[str, MakeOptimizer] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
     "sgd-momentum-wd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01),
     "adamw": lambda params: torch.optim.AdamW(params, lr=0.05, weight_decay=0.1),
+    # state that starts non-zero everywhere: zeroed outside B after every step (any optimizer but SGD/Adam/AdamW)
+    "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.05, initial_accumulator_value=0.1),
 }
 
 
@@ -170,7 +172,8 @@ def test_every_step_keeps_alpha_and_freezes_weights_outside_b(
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "keys"), [("sgd-momentum-wd", {"momentum_buffer"}), ("adamw", {"exp_avg", "exp_avg_sq"})]
+    ("optimizer", "keys"),
+    [("sgd-momentum-wd", {"momentum_buffer"}), ("adamw", {"exp_avg", "exp_avg_sq"}), ("adagrad", {"sum"})],
 )
 @pytest.mark.parametrize("update_interval", [1, 2])
 def test_optimizer_state_is_zero_outside_b(optimizer: str, keys: set[str], update_interval: int) -> None:
@@ -722,3 +725,41 @@ def test_sync_free_early_refresh_acts_one_step_after_its_test() -> None:
     _explorer_step(engine, opt, "0.weight", grow=0)  # ... and the refresh runs at the next step
     assert (engine.refreshes, engine.early_refreshes) == (1, 1)
     assert_holds_alpha(engine)
+
+
+@pytest.mark.parametrize("update_interval", [1, 100])
+def test_compiled_kernels_read_nothing_back_through_torch(update_interval: int) -> None:
+    """On CPU the counts come back through ctypes: no step calls ``.item()``, ``bool(t)`` or a data-sized op."""
+    model, engine, opt = setup("sgd-momentum-wd", update_interval, penalty=0.01, compiled=True, early_refresh=0.01)
+    counter = _CountSyncs()
+    after_step = engine._after_step
+
+    def counted_after_step(index: int) -> None:
+        with counter:
+            after_step(index)
+
+    engine._after_step = counted_after_step
+    for step in range(12):
+        x, y = batch(step)
+        F.mse_loss(model(x), y).backward()
+        with counter:
+            engine.before_step(opt)
+        opt.step()
+        opt.zero_grad()
+    assert engine.refreshes > 0
+    assert counter.syncs == []
+
+
+def test_a_refresh_that_changes_no_set_still_zeroes_state_outside_b() -> None:
+    """Nothing moves (lr 0), so every refresh finds the sets where they were; Adagrad's state starts at 0.1
+    everywhere and must still be zeroed outside B after the first step."""
+    model = make_model()
+    engine = TopKAST(masked_params(model), DENSITIES, update_interval=1, penalty=0.0)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.0, initial_accumulator_value=0.1)
+    engine.attach([opt])
+    train_step(model, engine, opt, 0)
+    assert engine.refreshes == 1
+    for t in engine.tensors.values():
+        state = opt.state[t.param]["sum"]
+        assert not bool(state[~t.backward_set].any())
+        assert bool((state[t.backward_set] >= 0.1).all())
