@@ -521,23 +521,24 @@ def provenance() -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, record: dict[str, Any]) -> None:
-    """``record`` with :func:`provenance` under ``"provenance"``, as indented JSON at ``path``."""
+def write_json(path: Path, record: dict[str, Any], started: dict[str, Any]) -> None:
+    """``record`` with the :func:`provenance` taken when the run ``started``, as indented JSON at ``path``."""
     import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**record, "provenance": provenance()}, indent=1))
+    path.write_text(json.dumps({**record, "provenance": started}, indent=1))
     print(f"json: {path}")
 
 
-def new_figure(width: float, height: float) -> tuple[Any, Any]:
-    """A matplotlib figure and axes on the file-only backend (the scripts run headless)."""
+def new_figure(width: float, height: float, columns: int = 1) -> tuple[Any, Any]:
+    """A matplotlib figure and its axes (a list when ``columns`` > 1) on the file-only backend (runs are headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height), dpi=110)
+    fig, axes = plt.subplots(1, columns, figsize=(width, height), dpi=110)
+    return fig, list(axes) if columns > 1 else axes
 
 
 def save_figure(fig: Any, path: Path) -> None:

@@ -13,6 +13,7 @@ and every seed's difference to interval 1 of the same seed), the refreshes the r
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -77,8 +78,8 @@ def table(task: str, results: list[dict[str, Any]]) -> str:
 
 
 def plot(results: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
-    fig, axes = common.new_figure(4.2 * len(tasks), 3.4)
-    axes = [axes] if len(tasks) == 1 else list(axes)
+    fig, axes = common.new_figure(4.2 * len(tasks), 3.4, columns=len(tasks))
+    axes = axes if len(tasks) > 1 else [axes]
     for ax, task in zip(axes, tasks, strict=True):
         scale = 100 if task == "images" else 1
         for sparsity in PAIRS:
@@ -124,8 +125,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--from-json", type=Path, default=None, help="tables and plot from a saved run, no training")
     args = parser.parse_args()
+    started = common.provenance()  # of the code that runs, not of whatever is checked out at the end
     tasks = ["images", "text"] if args.task == "all" else [args.task]
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        results, wall = saved["runs"], saved["wall_seconds"]
+        tasks = [t for t in tasks if any(r["task"] == t for r in results)]
+        for task in tasks:
+            print("\n" + table(task, [r for r in results if r["task"] == task]) + "\n")
+        if args.plot:
+            plot(results, tasks, args.plot)
+        return
     start = time.perf_counter()
     results = accuracy.execute(plan(tasks, args.seeds), args)
     wall = time.perf_counter() - start
@@ -135,7 +147,7 @@ def main() -> None:
     if args.json:
         configs = {task: accuracy.asdict(accuracy.TASKS[task]) for task in tasks}
         common.write_json(
-            args.json, {"wall_seconds": wall, "early_refresh": EARLY, "configs": configs, "runs": results}
+            args.json, {"wall_seconds": wall, "early_refresh": EARLY, "configs": configs, "runs": results}, started
         )
     if args.plot:
         plot(results, tasks, args.plot)

@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--unfused", action="store_true", help="the LM's AdamW without fused=True (torch's default)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    started = common.provenance()  # of the code that runs, not of whatever is checked out at the end
     fused = not args.unfused
 
     if args.one:
@@ -198,7 +199,9 @@ def main() -> None:
     if args.memory:
         found = peak_memory(args.models, args.methods, args.warmup, min(args.steps, 10), fused)
         if args.json:
-            common.write_json(args.json, {"kind": "memory", "sparsity": SPARSITY, "fused": fused, "runs": found})
+            common.write_json(
+                args.json, {"kind": "memory", "sparsity": SPARSITY, "fused": fused, "runs": found}, started
+            )
         return
 
     print(
@@ -218,7 +221,7 @@ def main() -> None:
             )
     if args.json:
         record = {"kind": "time", "sparsity": SPARSITY, "fused": fused, "steps": args.steps, "warmup": args.warmup}
-        common.write_json(args.json, {**record, "seconds": times, "summary": summary})
+        common.write_json(args.json, {**record, "seconds": times, "summary": summary}, started)
     if args.plot:
         plot(summary, args.plot)
 

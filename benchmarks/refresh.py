@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of time against size here")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
+    started = common.provenance()  # of the code that runs, not of whatever is checked out at the end
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, ms")
     print(
@@ -144,7 +145,7 @@ def main() -> None:
         )
     if args.json:
         record = {"forward_density": FORWARD, "backward_density": BACKWARD, "lr": LR, "grad_scale": GRAD_SCALE}
-        common.write_json(args.json, {**record, "repeats": args.repeats, "rows": rows})
+        common.write_json(args.json, {**record, "repeats": args.repeats, "rows": rows}, started)
     if args.plot:
         fig, ax = common.new_figure(5.5, 3.2)
         for name in ("after a step", "full refresh", "band select", "full kthvalue", "torch.topk"):
