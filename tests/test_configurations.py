@@ -91,12 +91,24 @@ def test_dense_first_and_last_layer_and_exclude(tmp_path: Path) -> None:
     callback = fit(tmp_path, dense_first_layer=True, dense_last_layer=True, exclude=["net.4.*"])
     assert callback.engine is not None
     assert list(callback.engine.tensors) == ["net.2.weight"]
-    assert set(callback.kept_dense) == {"net.0.weight", "net.6.weight"}
-    assert "net.6.weight (last layer (dense_last_layer=True))" in callback.summary_table()
+    assert callback.kept_dense == {
+        "net.0.weight": "first layer (dense_first_layer=True)",
+        "net.4.weight": "exclude 'net.4.*'",
+        "net.6.weight": "last layer (dense_last_layer=True)",
+    }
+    table = callback.summary_table().splitlines()
+    assert table[2].startswith("0 | net.0.weight | (32, 8)  | 256    | dense       | dense       |     |     |")
+    assert [line.rsplit(" | ", 1)[-1] for line in table[2:6]] == [
+        "first layer (dense_first_layer=True)",
+        "default: floating point, 2+ dims, trainable",
+        "exclude 'net.4.*'",
+        "last layer (dense_last_layer=True)",
+    ]
+    assert table[-2] == "Kept dense: 3 tensors, 688 weights; never masked: bias or other 1-D parameter (4)"
 
 
-def test_include_by_type_with_first_layer_masked(tmp_path: Path) -> None:
-    callback = fit(tmp_path, include=["Linear"], dense_first_layer=False)
+def test_include_masks_every_match_whatever_the_first_layer_switch(tmp_path: Path) -> None:
+    callback = fit(tmp_path, include=["Linear"])
     assert callback.engine is not None
     assert list(callback.engine.tensors) == ["net.0.weight", "net.2.weight", "net.4.weight", "net.6.weight"]
     assert [row["name"] for row in callback.summary()] == list(callback.engine.tensors)
@@ -108,4 +120,6 @@ def test_include_by_type_with_first_layer_masked(tmp_path: Path) -> None:
         "backward_density": 0.5,
         "forward_set": count(0.2, 256),
         "backward_set": count(0.5, 256),
+        "masked": True,
+        "why": "include 'Linear'",
     }

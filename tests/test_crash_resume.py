@@ -178,7 +178,7 @@ def test_sigkill_mid_step_then_resume_from_last_checkpoint_is_bit_exact(
         assert reference["topkast"] is None
         return
     # the kill lost at least one refresh, which the resumed process redid from the checkpointed θ
-    assert checkpoint["callbacks"]["TopKASTCallback"]["refreshes"] == checkpointed // update_interval
+    assert checkpoint["callbacks"][TopKASTCallback().state_key]["refreshes"] == checkpointed // update_interval
     assert resumed["start"]["refreshes"] == checkpointed // update_interval < kill_at // update_interval
     assert resumed["topkast"]["refreshes"] == STEPS // update_interval
     assert resumed["topkast"]["steps"] == [STEPS]
@@ -240,7 +240,7 @@ def _fit_inside(root: Path, order: str | None, ckpt_path: Path | None = None) ->
 
 def _load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     checkpoint = torch.load(path, weights_only=True)
-    return checkpoint, checkpoint["callbacks"]["TopKASTCallback"]
+    return checkpoint, checkpoint["callbacks"][TopKASTCallback().state_key]
 
 
 @pytest.fixture(scope="module")
