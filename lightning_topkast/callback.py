@@ -7,7 +7,6 @@ formats metrics, :mod:`~lightning_topkast.figures` draws the masks. This is the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -154,12 +153,9 @@ class TopKASTCallback(Callback):
         engine.attach(trainer.optimizers)
         for hint in validation.slow_optimizers(trainer.optimizers, [t.param for t in engine.tensors.values()]):
             rank_zero_warn(hint, category=PossibleUserWarning)
+        self._log_hyperparameters(trainer, pl_module)
         if self.verbose:
             rank_zero_info(self.summary_table())
-
-    @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log_hyperparameters(trainer)  # after Lightning logged the module's, so TensorBoard shows both
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -399,12 +395,13 @@ class TopKASTCallback(Callback):
                 elif isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
 
-    def _log_hyperparameters(self, trainer: Trainer) -> None:
+    def _log_hyperparameters(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # before Lightning logs the module's hyperparameters and saves hparams.yaml, right after on_fit_start
         params = {self._prefix: self.hyperparameters()}
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and isinstance(logger.hparams, Mapping):
-                # TensorBoard's HParams tab shows the keys of the last call: keep the module's beside ours
-                logger.log_hyperparams({**logger.hparams, **params})
+            if isinstance(logger, TensorBoardLogger):
+                # TensorBoard's HParams tab reads the first hparams summary of a run: send the module's with ours
+                logger.log_hyperparams({**_lightning_hparams(trainer, pl_module), **params})
             else:
                 logger.log_hyperparams(params)
 
@@ -457,6 +454,15 @@ def _prefix(trainer: Trainer, callback: TopKASTCallback) -> str:
     instances = [cb for cb in trainer.callbacks if isinstance(cb, TopKASTCallback)]  # type: ignore[attr-defined]
     index = next(i for i, cb in enumerate(instances) if cb is callback)
     return reporting.PREFIX if index == 0 else f"{reporting.PREFIX}_{index}"
+
+
+def _lightning_hparams(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """The hyperparameters Lightning logs after ``on_fit_start``: the module's, then the datamodule's."""
+    hparams = dict(pl_module.hparams_initial)
+    if trainer.datamodule is not None:  # type: ignore[attr-defined]
+        hparams.update(trainer.datamodule.hparams_initial)  # type: ignore[attr-defined]
+    hparams.pop("_class_path", None)  # LightningCLI's, which Lightning does not log either
+    return hparams
 
 
 def _same_tensors(engine: TopKAST, plan: Plan) -> bool:
