@@ -43,7 +43,7 @@ def density_chart(rows: Sequence[Mapping[str, Any]], step: int) -> Figure:
     ax.bar([p - 0.2 for p in positions], [r["backward"] for r in rows], width=0.4, label="backward set B")
     ax.bar([p + 0.2 for p in positions], [r["forward"] for r in rows], width=0.4, label="forward set A")
     ax.set_xticks(positions, names, rotation=45 if len(rows) > 4 else 0, ha="right" if len(rows) > 4 else "center")
-    ax.set(ylabel="density", ylim=(0, 1.05), title=f"Top-KAST densities per tensor, step {step}")
+    ax.set(ylabel="density", ylim=(0, 1.05), title=f"Top-KAST densities per tensor, after {step} steps")
     ax.legend(loc="upper right")
     return figure
 
@@ -71,7 +71,7 @@ def magnitude_histogram(name: str, tensor: MaskedTensor, step: int, bins: int = 
     )
     ax.axvline(backward, color="tab:blue", linestyle="--", label=f"B threshold {backward:.3g}")
     ax.axvline(forward, color="tab:orange", linestyle="--", label=f"A threshold {forward:.3g}")
-    ax.set(xlabel="|θ|", ylabel="weights", title=f"{name}, step {step}")
+    ax.set(xlabel="|θ|", ylabel="weights", title=f"{name}, after {step} steps")
     ax.legend(loc="upper left", fontsize="x-small")
     return figure
 

@@ -286,6 +286,23 @@ CASES = [
         r"exploration_penalty='1e-4'\): must be a finite number >= 0",
         id="ep-str",
     ),
+    # log_masks_every_n_steps
+    pytest.param(
+        {"log_masks_every_n_steps": -1},
+        None,
+        {},
+        ValueError,
+        r"log_masks_every_n_steps=-1\): must be an integer >= 0 \(optimizer steps; 0 turns it off\)",
+        id="masks-negative",
+    ),
+    pytest.param(
+        {"log_masks_every_n_steps": 2.5},
+        None,
+        {},
+        ValueError,
+        r"log_masks_every_n_steps=2\.5\): must be an integer >= 0",
+        id="masks-float",
+    ),
     # distribution
     pytest.param(
         {"distribution": "erdos"},
