@@ -58,6 +58,32 @@ class MLP(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-2)
 
 
+class RNGState(L.Callback):
+    """Keeps torch's global RNG state in checkpoints: Lightning does not, and dropout needs it to resume bit-exactly.
+
+    Restored on load, before the training data's iterator draws its seed: the same point in the stream as in the
+    uninterrupted run when the data itself draws nothing.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+
+
+def assert_alpha(engine: Any) -> None:
+    """Every masked parameter holds α = θ on A, exactly 0 elsewhere, and |A|, |B| are the exact counts, A ⊆ B."""
+    from lightning_topkast.selection import count
+
+    for name, t in engine.tensors.items():
+        alpha = torch.where(t.forward_set, t.theta, 0)
+        torch.testing.assert_close(t.param.detach(), alpha, rtol=0, atol=0, equal_nan=True, msg=name)
+        assert int(t.forward_set.sum()) == count(t.forward_density, t.numel), name
+        assert int(t.backward_set.sum()) == count(t.backward_density, t.numel), name
+        assert not bool((t.forward_set & ~t.backward_set).any()), name
+
+
 def make_trainer(tmp_path: Any, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
     """A quiet CPU Trainer writing under ``tmp_path``; ``kwargs`` override the defaults."""
     defaults: dict[str, Any] = {
