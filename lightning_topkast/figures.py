@@ -68,11 +68,12 @@ def magnitude_histogram(name: str, tensor: MaskedTensor, step: int, bins: int = 
         stacked=True,
         color=["0.75", "tab:blue", "tab:orange"],
         label=["outside B (frozen)", "B \\ A (exploring)", "A (forward)"],
+        log=True,  # trained weights are heavy-tailed: the few large ones in A would not show on a linear scale
     )
     ax.axvline(backward, color="tab:blue", linestyle="--", label=f"B threshold {backward:.3g}")
     ax.axvline(forward, color="tab:orange", linestyle="--", label=f"A threshold {forward:.3g}")
     ax.set(xlabel="|θ|", ylabel="weights", title=f"{name}, after {step} steps")
-    ax.legend(loc="upper left", fontsize="x-small")
+    ax.legend(loc="upper right", fontsize="x-small")
     return figure
 
 

@@ -49,7 +49,8 @@ class FlopCounter:
     flat LSTM buffer) count for their tensor; the rest is dense. Two kernels torch does not count get a formula
     here: recurrent layers (CPU LSTMs run ``mkldnn_rnn_layer``), 2 FLOPs per weight per time step and sequence, and
     CPU flash attention, 2·L·S·(E + Ev) per head as torch counts it on GPUs. Embedding lookups count 0. Count the
-    forward only: :meth:`pause` before backward, :meth:`start` again after it.
+    forward only: :meth:`start` at the batch, :meth:`pause` before a backward pass, :meth:`resume` after it,
+    :meth:`finish` at the end of the batch.
 
     Only one counter runs at a time (dispatch modes nest as a stack): :meth:`start` returns False while another is
     active, and the caller counts on a later batch.

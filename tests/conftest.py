@@ -162,6 +162,13 @@ def wandb_config(path: Path, timeout: float = 60.0) -> dict[str, Any]:
     return config
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Notebooks (nbmake, a kernel subprocess each) join the slow lane: ``pytest -m "not slow"`` skips them."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     L.seed_everything(0, verbose=False)
