@@ -73,15 +73,24 @@ class RNGState(L.Callback):
 
 
 def assert_alpha(engine: Any) -> None:
-    """Every masked parameter holds α = θ on A, exactly 0 elsewhere, and |A|, |B| are the exact counts, A ⊆ B."""
+    """Every masked parameter holds α = θ on A, exactly 0 elsewhere; |A| and |B| are exact counts; A ⊆ B.
+
+    Counts are per tensor, or over the whole pool for tensors ranked together (``distribution="global"``).
+    """
     from lightning_topkast.selection import count
 
+    pool = [t for t in engine.tensors.values() if t.in_global_pool]
     for name, t in engine.tensors.items():
         alpha = torch.where(t.forward_set, t.theta, 0)
         torch.testing.assert_close(t.param.detach(), alpha, rtol=0, atol=0, equal_nan=True, msg=name)
-        assert int(t.forward_set.sum()) == count(t.forward_density, t.numel), name
-        assert int(t.backward_set.sum()) == count(t.backward_density, t.numel), name
         assert not bool((t.forward_set & ~t.backward_set).any()), name
+        if not t.in_global_pool:
+            assert int(t.forward_set.sum()) == count(t.forward_density, t.numel), name
+            assert int(t.backward_set.sum()) == count(t.backward_density, t.numel), name
+    if pool:
+        numel = sum(t.numel for t in pool)
+        assert sum(int(t.forward_set.sum()) for t in pool) == count(pool[0].forward_density, numel)
+        assert sum(int(t.backward_set.sum()) for t in pool) == count(pool[0].backward_density, numel)
 
 
 def make_trainer(tmp_path: Any, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:

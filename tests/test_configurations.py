@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MLP, make_loader, make_trainer
+from conftest import MLP, assert_alpha, make_loader, make_trainer
 from torch import nn
 
 from lightning_topkast import TopKASTCallback
@@ -29,9 +29,7 @@ def fit(tmp_path: Path, **kwargs: Any) -> TopKASTCallback:
     callback = TopKASTCallback(update_interval=2, **kwargs)
     make_trainer(tmp_path, [callback], max_steps=6).fit(Wider(), make_loader(n=96))
     assert callback.engine is not None
-    for tensor in callback.engine.tensors.values():
-        assert torch.equal(tensor.param, torch.where(tensor.forward_set, tensor.theta, 0))
-        assert not bool((tensor.forward_set & ~tensor.backward_set).any())
+    assert_alpha(callback.engine)
     return callback
 
 
