@@ -69,7 +69,7 @@ class FlopCounter:
         self._spans = sorted(spans)
         self._starts = [s[0] for s in self._spans]
         formulas = {**dict.fromkeys(_rnn_ops(), _rnn_total), **dict.fromkeys(_cpu_attention_ops(), _attention_total)}
-        self._mode = FlopCounterMode(display=False, custom_mapping=formulas)
+        self._mode: FlopCounterMode | None = FlopCounterMode(display=False, custom_mapping=formulas)
         # the same formulas, each wrapped to attribute its count; FlopCounterMode passes raw tensors to entries
         self._mode.flop_registry = {op: self._attributing(op, f) for op, f in self._mode.flop_registry.items()}
 
@@ -78,6 +78,7 @@ class FlopCounter:
         if self.finished or FlopCounter._active is not None:
             return FlopCounter._active is self
         FlopCounter._active = self
+        assert self._mode is not None
         self._mode.__enter__()
         self.counted = True
         return True
@@ -91,12 +92,15 @@ class FlopCounter:
         """Stop counting (before a backward pass); :meth:`resume` goes on."""
         if FlopCounter._active is self:
             FlopCounter._active = None
+            assert self._mode is not None
             self._mode.__exit__(None, None, None)
 
     def finish(self) -> None:
         """End the count if anything was counted (the totals are final); else the next :meth:`start` tries again."""
         self.pause()
         self.finished = self.counted
+        if self.finished:
+            self._mode = None  # not needed again; FlopCounterMode holds lambdas, which would stop a pickle
 
     def _owner(self, tensor: Tensor) -> str | None:
         address = tensor.data_ptr()
