@@ -17,6 +17,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One intra-op thread unless the caller chose: the test models are tiny, so their steps are many small kernels, and
+# two OpenMP threads on a 2-core machine that another process shares spin and wait (measured: the fast lane took 89 s
+# with two threads and 38 s with one while a benchmark held a core). Subprocesses (DDP ranks, crash workers) inherit.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def make_loader(n: int = 64, features: int = 8, classes: int = 3, batch_size: int = 16, seed: int = 0) -> DataLoader:
