@@ -197,6 +197,8 @@ class ImageClassifier(L.LightningModule):
 class CharLM(L.LightningModule):
     """Character language model: AdamW, warm-up then cosine learning rate; the metric is bits per character."""
 
+    dense_parameters = ("model.pos_emb",)  # a bare parameter: no peer masks it, so neither does Top-KAST here
+
     def __init__(
         self,
         vocab: int,
@@ -255,11 +257,23 @@ def sequence_windows(ids: Tensor, context: int) -> Tensor:
 def masked_weights(pl_module: nn.Module) -> tuple[str, list[str]]:
     """The weight kept dense (the first layer) and the names of the weights every method masks.
 
-    The same selection as ``TopKASTCallback``'s defaults, so that the methods differ only in how they choose masks.
+    ``TopKASTCallback``'s default selection, less what the module lists in ``dense_parameters`` (the LM's position
+    embedding, a bare parameter that only Top-KAST could mask), so that the methods differ only in how they choose
+    masks.
     """
-    selection = targets.select(pl_module, dense_first_layer=True)
-    (first,) = selection.kept_dense
+    exclude = list(getattr(pl_module, "dense_parameters", ())) or None
+    selection = targets.select(pl_module, exclude=exclude, dense_first_layer=True)
+    (first,) = [name for name, why in selection.kept_dense.items() if why.startswith("first layer")]
     return first, selection.masked
+
+
+class BenchmarkTopKAST(TopKASTCallback):
+    """``TopKASTCallback`` masking exactly :func:`masked_weights`, through its one method for custom selection."""
+
+    @override
+    def select_targets(self, pl_module: nn.Module) -> targets.Selection:
+        first, names = masked_weights(pl_module)
+        return targets.Selection(names, {first: "first layer, as every benchmark method keeps it"})
 
 
 def _owner(pl_module: nn.Module, name: str) -> nn.Module:
@@ -437,7 +451,7 @@ def method_callbacks(
     if name == "topkast":
         backward = TOPKAST_BACKWARD.get(sparsity, sparsity) if backward_sparsity is None else backward_sparsity
         return [
-            TopKASTCallback(
+            BenchmarkTopKAST(
                 forward_sparsity=sparsity,
                 backward_sparsity=backward,
                 update_interval=update_interval,

@@ -1,25 +1,33 @@
-"""``TopKASTCallback``: Top-KAST sparse training for any LightningModule, wired into Lightning's hooks."""
+"""``TopKASTCallback``: Top-KAST sparse training for any LightningModule, wired into Lightning's hooks.
+
+The hooks delegate: :mod:`~lightning_topkast.planning` decides what is masked and how densely, ``TopKAST``
+(:mod:`~lightning_topkast.state`) does each step, :mod:`~lightning_topkast.reporting` measures FLOPs and turnover and
+formats metrics, :mod:`~lightning_topkast.figures` draws the masks. This is the only module that imports Lightning.
+"""
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_topkast import distributions, reporting, targets, validation
-from lightning_topkast.selection import count
+from lightning_topkast import distributions, figures, planning, reporting, targets, validation
+from lightning_topkast.planning import Plan
 from lightning_topkast.state import TopKAST
 
 Distribution = Literal["uniform", "erk", "global"]
+
+# strategies that shard parameters: a top-k per shard is another algorithm (isinstance, so subclasses count too)
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_MEDIA_LOGGERS = (WandbLogger, TensorBoardLogger)
 
 
 class TopKASTCallback(Callback):
@@ -47,12 +55,16 @@ class TopKASTCallback(Callback):
             as RigL) or ``"global"`` (one top-k over all masked weights).
         sparsity_overrides: ``{name or glob: [forward_sparsity, backward_sparsity]}`` pinning chosen tensors;
             the distribution spreads the budget over the others.
-        include: masked tensors are those matching any of these parameter-name globs or module class names
-            (default: the weights of Linear, Conv, Embedding, MultiheadAttention and RNN layers).
+        include: mask exactly the parameters matching these parameter-name globs or module class names (default:
+            every floating-point parameter of 2+ dimensions outside normalisation layers).
         exclude: parameter-name globs or module class names never masked.
-        dense_first_layer: keep the first masked tensor (registration order) dense, as RigL's setup does.
-        dense_last_layer: keep the last masked tensor dense.
+        dense_first_layer: keep the first tensor of the default selection (registration order) dense, as RigL's
+            setup does; ignored with ``include``, and overruled (with a warning) when nothing else is left.
+        dense_last_layer: keep the last tensor of the default selection dense; same rules.
         log_per_tensor: also log target and actual densities of every tensor.
+        log_masks_every_n_steps: every this many optimizer steps, send W&B and TensorBoard a bar chart of the
+            densities and a |θ| histogram per tensor with the A and B thresholds marked (needs matplotlib: the
+            ``figures`` extra); 0 (the default) turns it off. Other loggers are skipped.
         strict_resume: resuming from a checkpoint without this callback's state, or with state for other tensors,
             raises; ``False`` computes fresh masks from the checkpoint's weights instead, with a warning.
         verbose: print the summary table at fit start (rank zero).
@@ -77,6 +89,7 @@ class TopKASTCallback(Callback):
         dense_first_layer: bool = True,
         dense_last_layer: bool = False,
         log_per_tensor: bool = False,
+        log_masks_every_n_steps: int = 0,
         strict_resume: bool = True,
         verbose: bool = True,
     ) -> None:
@@ -95,48 +108,77 @@ class TopKASTCallback(Callback):
         self.dense_first_layer = validation.flag("dense_first_layer", dense_first_layer)
         self.dense_last_layer = validation.flag("dense_last_layer", dense_last_layer)
         self.log_per_tensor = validation.flag("log_per_tensor", log_per_tensor)
+        self.log_masks_every_n_steps = validation.non_negative_int(
+            "log_masks_every_n_steps", log_masks_every_n_steps, "optimizer steps; 0 turns it off"
+        )
+        if self.log_masks_every_n_steps:
+            figures.require_matplotlib(f"log_masks_every_n_steps={self.log_masks_every_n_steps}")
         self.strict_resume = validation.flag("strict_resume", strict_resume)
         self.verbose = validation.flag("verbose", verbose)
 
         self.engine: TopKAST | None = None
-        self.kept_dense: dict[str, str] = {}
+        self._plan: Plan | None = None
+        self._flops: reporting.FlopCounter | None = None
+        self._turnover = reporting.Turnover()
         self._loaded_state: dict[str, Any] | None = None
         self._resuming = False
-        # members that left A and the sizes of A at the refreshes since the last log: their ratio is the |A|-weighted
-        # mean turnover (plain sums: a metric's update costs more than a small model's whole refresh)
-        self._moved: list[Any] = [0, 0]
-        self._layer_flops: dict[nn.Module, float] = {}
-        self._flops_handles: list[RemovableHandle] = []
-        self._flops_counted = False
+        self._other_keys: list[str] = []
+        self._stepped = False
+        self._prefix = reporting.PREFIX
+        self._noted: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # the targets identify an instance: several callbacks with disjoint targets keep their own state
+        return self._generate_state_key(
+            include=self.include,
+            exclude=self.exclude,
+            dense_first_layer=self.dense_first_layer,
+            dense_last_layer=self.dense_last_layer,
+        )
 
     # --- hooks --------------------------------------------------------------------------------------------------
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Lightning restores a checkpoint after setup: what validate/test/predict loaded before is not a fit to resume
+        self._loaded_state, self._resuming, self._other_keys = None, False, []
         if stage == "fit":
-            validation.check_strategy(trainer.strategy)
+            validation.check_strategy(trainer.strategy, _SHARDED)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.engine is None or not self._owns(pl_module):
-            self.engine = self._build_engine(pl_module)
-            self._layer_flops, self._flops_counted = {}, False
+        # after the module's own setup/configure_model and the checkpoint's weights: plan on the model as it trains
+        self._prefix = _prefix(trainer, self)
+        plan = self.plan(pl_module)
+        self._check_disjoint(trainer, plan)
+        self._use(plan)
         self._restore_loaded_state()
-        self.engine.attach(trainer.optimizers)
-        masked = [t.param for t in self.engine.tensors.values()]
-        for hint in validation.slow_optimizers(trainer.optimizers, masked):
+        engine = self._require_engine()
+        engine.attach(trainer.optimizers)
+        for hint in validation.slow_optimizers(trainer.optimizers, [t.param for t in engine.tensors.values()]):
             rank_zero_warn(hint, category=PossibleUserWarning)
+        self._log_hyperparameters(trainer, pl_module)
         if self.verbose:
             rank_zero_info(self.summary_table())
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self._flops_counted:
-            self._flops_counted = True
-            self._count_flops(pl_module)
+        self._stepped = False
+        self._require_flops().start()
+
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        self._require_flops().pause()  # FLOPs of the forward only; a training step counts as three of them
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._require_flops().resume()  # manual optimization may run more forward passes in the batch
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        self._stepped = True
         self._require_engine().before_step(optimizer)
 
     @override
@@ -144,9 +186,12 @@ class TopKASTCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._require_engine().restore_forward_weights()
-        self._stop_counting_flops()
-        if trainer._logger_connector.should_update_logs:  # as LearningRateMonitor does, to skip unlogged work
+        self._require_flops().finish()
+        if self._should_log(trainer):
             pl_module.log_dict(self.metrics(), on_step=True, on_epoch=False)
+            self._turnover.reset()
+        if self._should_draw(trainer):
+            self._log_mask_images(trainer)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -160,7 +205,7 @@ class TopKASTCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.engine is None:
             return {}
-        return {"config": self._config(), **self.engine.state_dict()}
+        return {"config": self._arguments(), **self.engine.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -176,127 +221,128 @@ class TopKASTCallback(Callback):
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._resuming = True
+        name = type(self).__qualname__
+        self._other_keys = [
+            k for k in checkpoint.get("callbacks", {}) if str(k).startswith(name) and k != self.state_key
+        ]
 
     # --- public helpers -----------------------------------------------------------------------------------------
 
+    @property
+    def config(self) -> planning.Config:
+        """The arguments that decide targets and densities."""
+        return planning.Config(
+            forward_sparsity=self.forward_sparsity,
+            backward_sparsity=self.backward_sparsity,
+            distribution=self.distribution,
+            sparsity_overrides=self.sparsity_overrides,
+            include=self.include,
+            exclude=self.exclude,
+            dense_first_layer=self.dense_first_layer,
+            dense_last_layer=self.dense_last_layer,
+        )
+
     def select_targets(self, pl_module: nn.Module) -> targets.Selection:
-        """Choose the tensors to mask; override for custom filtering (return a ``targets.Selection``)."""
+        """Choose the tensors to mask; override for custom filtering (return a ``lightning_topkast.Selection``)."""
         return targets.select(pl_module, self.include, self.exclude, self.dense_first_layer, self.dense_last_layer)
 
+    def plan(self, pl_module: nn.Module) -> Plan:
+        """What this callback would mask in ``pl_module`` and how densely, without training; raises on bad config."""
+        return planning.plan(pl_module, self.config, self.select_targets(pl_module))
+
+    @property
+    def kept_dense(self) -> dict[str, str]:
+        """The candidates the last plan kept dense, each with the reason."""
+        return dict(self._plan.selection.kept_dense) if self._plan is not None else {}
+
     def summary(self) -> list[dict[str, object]]:
-        """One row per masked tensor: name, shape, numel, forward/backward density and the sizes of A and B."""
-        return reporting.summary_rows(self._require_engine().tensors)
+        """One row per candidate: name, shape, numel, whether masked, densities, |A|, |B| and why."""
+        return reporting.summary_rows(self._require_engine().tensors, self._require_plan())
 
     def summary_table(self) -> str:
         """The summary as the text table printed at fit start."""
-        engine = self._require_engine()
-        return reporting.format_table(self.summary(), self.kept_dense, engine.memory_bytes())
+        engine, never_masked = self._require_engine(), self._require_plan().selection.never_masked
+        return reporting.format_table(self.summary(), never_masked, engine.memory_bytes())
 
     def metrics(self) -> dict[str, float]:
-        """The flat ``topkast/...`` metrics the callback logs; turnover covers the refreshes since the last call."""
-        engine = self._require_engine()
-        metrics = reporting.density_metrics(engine.tensors, self.exploration_penalty, self.log_per_tensor)
+        """The flat ``topkast/...`` metrics as they stand; turnover covers the refreshes since the last log.
+
+        A query: calling it changes nothing (the callback starts a new turnover window after each log).
+        """
+        engine, prefix = self._require_engine(), self._prefix
+        metrics = reporting.density_metrics(engine.tensors, self.exploration_penalty, self.log_per_tensor, prefix)
         # always logged: Lightning repeats a step metric's last value at later log steps, so an absent key would
         # show the previous refresh's turnover again; with no refresh since the last log, nothing moved.
-        metrics[f"{reporting.PREFIX}/turnover"] = (
-            float(self._moved[0]) / float(self._moved[1]) if float(self._moved[1]) else 0.0
-        )
-        self._moved = [0, 0]
-        train, inference = reporting.flops_fractions(self._layer_costs())
-        metrics[f"{reporting.PREFIX}/train_flops_fraction"] = train
-        metrics[f"{reporting.PREFIX}/inference_flops_fraction"] = inference
-        metrics[f"{reporting.PREFIX}/refreshes"] = float(engine.refreshes)
-        metrics[f"{reporting.PREFIX}/early_refreshes"] = float(engine.early_refreshes)
-        metrics[f"{reporting.PREFIX}/skipped_steps"] = float(engine.skipped_steps)
+        metrics[f"{prefix}/turnover"] = self._turnover.compute()
+        train, inference = self._flops_fractions()
+        metrics[f"{prefix}/train_flops_fraction"] = train
+        metrics[f"{prefix}/inference_flops_fraction"] = inference
+        metrics[f"{prefix}/refreshes"] = float(engine.refreshes)
+        metrics[f"{prefix}/early_refreshes"] = float(engine.early_refreshes)
+        metrics[f"{prefix}/skipped_steps"] = float(engine.skipped_steps)
         return metrics
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The resolved configuration that goes to every logger's hyperparameters (W&B's run config, hparams.yaml)."""
+        engine = self._require_engine()
+        numel = sum(t.numel for t in engine.tensors.values())
+        return {
+            **self._arguments(),
+            "log_masks_every_n_steps": self.log_masks_every_n_steps,
+            "masked_tensors": len(engine.tensors),
+            "masked_weights": numel,
+            "forward_density": sum(t.forward_density * t.numel for t in engine.tensors.values()) / numel,
+            "backward_density": sum(t.backward_density * t.numel for t in engine.tensors.values()) / numel,
+        }
 
     # --- internals ----------------------------------------------------------------------------------------------
 
-    def _build_engine(self, pl_module: LightningModule) -> TopKAST:
-        selection = self.select_targets(pl_module)
-        params = dict(pl_module.named_parameters())
-        masked = {name: params[name] for name in selection.masked}
-        pinned = self._pinned(masked)
-        free = {name: tuple(p.shape) for name, p in masked.items() if name not in pinned}
-        densities = distributions.forward_backward_densities(
-            self.distribution,
-            free,
-            validation.density(self.forward_sparsity),
-            validation.density(self.backward_sparsity),
-        )
-        densities.update({name: (validation.density(f), validation.density(b)) for name, (f, b) in pinned.items()})
-        global_pool = list(free) if self.distribution == "global" else []
-        self._check_model(pl_module, masked, densities, global_pool, pinned)
-        self.kept_dense = selection.kept_dense
+    def _use(self, plan: Plan) -> None:
+        """Build the engine for ``plan``, or keep the current one if it masks the same, untouched tensors."""
+        for note in plan.selection.notes:
+            if note not in self._noted:
+                self._noted.add(note)
+                rank_zero_warn(note)
+        engine, self._plan = self.engine, plan
+        if engine is not None and _same_tensors(engine, plan):
+            if _holds_forward_weights(engine):
+                return
+            rank_zero_info(
+                "TopKASTCallback: the masked weights changed since the last fit (a checkpoint loaded by "
+                "validate/test/predict, or load_state_dict): masks computed afresh from them."
+            )
+        self.engine = self._build_engine(plan)
+        self._flops = reporting.FlopCounter({name: t.param for name, t in self.engine.tensors.items()})
+        self._turnover.reset()
+
+    def _build_engine(self, plan: Plan) -> TopKAST:
+        # the one place the engine is built
         engine = TopKAST(
-            {name: masked[name] for name in selection.masked},
-            densities,
+            plan.parameters,
+            plan.densities,
             update_interval=self.update_interval,
             early_refresh=self.early_refresh,
             penalty=self.exploration_penalty,
             decoupled_penalty=self.decoupled_penalty,
-            global_pool=global_pool,
+            global_pool=plan.global_pool,
         )
-        engine.refresh_listeners.append(self._record_turnover)
+        engine.refresh_listeners.append(self._turnover.update)
         return engine
 
-    def _pinned(self, masked: Mapping[str, nn.Parameter]) -> dict[str, tuple[float, float]]:
-        pinned: dict[str, tuple[float, float]] = {}
-        for pattern, pair in self.sparsity_overrides.items():
-            hits = [name for name in masked if name == pattern or fnmatch.fnmatchcase(name, pattern)]
-            if not hits:
-                raise ValueError(
-                    f"TopKASTCallback(sparsity_overrides={{{pattern!r}: {list(pair)}}}): {pattern!r} names no masked "
-                    f"tensor. Masked tensors: {', '.join(list(masked)[:8])}{', ...' if len(masked) > 8 else ''}"
-                )
-            pinned.update(dict.fromkeys(hits, pair))
-        return pinned
-
-    def _check_model(
-        self,
-        pl_module: LightningModule,
-        masked: Mapping[str, nn.Parameter],
-        densities: Mapping[str, tuple[float, float]],
-        global_pool: list[str],
-        pinned: Mapping[str, tuple[float, float]],
-    ) -> None:
-        modules, masked_ids = pl_module.modules(), {id(p) for p in masked.values()}
-        for module in modules:
-            if isinstance(module, nn.Embedding) and module.sparse and id(module.weight) in masked_ids:
-                raise ValueError(
-                    "TopKASTCallback masks dense gradients, but an nn.Embedding has sparse=True; build it with "
-                    "sparse=False or exclude it with exclude=['Embedding']"
-                )
-        free = {name: tuple(p.shape) for name, p in masked.items() if name not in pinned}
-        suggestion = f"Use forward_sparsity <= {distributions.max_sparsity(self.distribution, free):.4f}"
-        if global_pool:
-            total = sum(masked[name].numel() for name in global_pool)
-            forward_density = densities[global_pool[0]][0]
-            if count(forward_density, total) == 0:
-                raise ValueError(
-                    f"TopKASTCallback(forward_sparsity={self.forward_sparsity}, distribution='global'): the {total} "
-                    f"weights ranked together would keep round({forward_density:.4g} * {total}) = 0 in the forward "
-                    f"set, cutting the network off. {suggestion}."
-                )
-        for name, param in masked.items():
-            forward_density = densities[name][0]
-            if name in global_pool or count(forward_density, param.numel()) > 0:
+    def _check_disjoint(self, trainer: Trainer, plan: Plan) -> None:
+        mine = {id(p): name for name, p in plan.parameters.items()}
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, TopKASTCallback) or other.engine is None:
                 continue
-            if name in pinned:
-                pattern = next(
-                    p for p in reversed(self.sparsity_overrides) if p == name or fnmatch.fnmatchcase(name, p)
+            shared = [mine[id(t.param)] for t in other.engine.tensors.values() if id(t.param) in mine]
+            if shared:
+                raise ValueError(
+                    f"{self._targets_repr()} and {other._targets_repr()} both mask {', '.join(shared)}: a tensor "
+                    "has one forward set. Give each callback its own tensors with include=[...] / exclude=[...]."
                 )
-                argument = f"sparsity_overrides={{{pattern!r}: {list(pinned[name])}}}"
-                alone = distributions.max_sparsity("uniform", {name: tuple(param.shape)})
-                fix = f"Pin it at a forward sparsity <= {alone:.4f}"
-            else:
-                argument = f"forward_sparsity={self.forward_sparsity}"
-                fix = f"{suggestion}, pin it with sparsity_overrides"
-            raise ValueError(
-                f"TopKASTCallback({argument}): {name} ({param.numel()} weights) would keep "
-                f"round({forward_density:.4g} * {param.numel()}) = 0 weights in its forward set, cutting the layer "
-                f"off. {fix}, or exclude it."
-            )
+
+    def _targets_repr(self) -> str:
+        return f"TopKASTCallback(include={self.include!r}, exclude={self.exclude!r})"
 
     def _restore_loaded_state(self) -> None:
         engine = self._require_engine()
@@ -304,7 +350,13 @@ class TopKASTCallback(Callback):
         self._loaded_state, self._resuming = None, False
         if state is None:
             if resuming:
-                self._resume_problem(["the checkpoint holds no TopKASTCallback state (saved without the callback?)"])
+                saved = "saved without the callback?"
+                if self._other_keys:
+                    saved = (
+                        f"it holds {', '.join(self._other_keys)}, from a callback with other targets; pass the same "
+                        "include, exclude, dense_first_layer and dense_last_layer"
+                    )
+                self._resume_problem([f"the checkpoint holds no state for {self.state_key} ({saved})"])
             return
         problems = engine.differences(state)
         if problems:
@@ -321,46 +373,54 @@ class TopKASTCallback(Callback):
             )
         rank_zero_warn(f"{message}. strict_resume=False: masks computed afresh from the checkpoint's weights.")
 
-    def _owns(self, pl_module: LightningModule) -> bool:
-        params = dict(pl_module.named_parameters())
-        return all(params.get(name) is t.param for name, t in self._require_engine().tensors.items())
+    def _should_log(self, trainer: Trainer) -> bool:
+        """At least wherever Lightning writes step metrics, judged from public Trainer attributes only.
 
-    def _record_turnover(self, moved: dict[str, tuple[Any, Any]]) -> None:
-        # counts are 0-dim tensors when the engine reads nothing back from the device (sync_free): they add up there
-        for left, size in moved.values():
-            self._moved[0] += left
-            self._moved[1] += size
+        Lightning writes after batch k when (k + 1) % log_every_n_steps == 0, k counting the batches that stepped
+        before this one: after an optimizer step that is ``global_step``, inside an accumulation window
+        ``global_step + 1``. With several optimizers ``global_step`` runs faster, so this logs more often, never less.
+        """
+        if trainer.fast_dev_run:
+            return True
+        every = trainer.log_every_n_steps
+        if every <= 0:
+            return False
+        return (trainer.global_step + (0 if self._stepped else 1)) % every == 0 or trainer.should_stop
 
-    def _count_flops(self, pl_module: LightningModule) -> None:
-        def record(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor):
-                batched = output.ndim == module.weight.ndim
-                channels = module.out_features if isinstance(module, nn.Linear) else output.shape[int(batched)]
-                positions = output.numel() / channels
-                self._layer_flops[module] = self._layer_flops.get(module, 0.0) + 2.0 * module.weight.numel() * positions
+    def _should_draw(self, trainer: Trainer) -> bool:
+        every = self.log_masks_every_n_steps
+        if not every or not self._stepped or trainer.global_step % every or not trainer.is_global_zero:
+            return False
+        return any(isinstance(logger, _MEDIA_LOGGERS) for logger in trainer.loggers)
 
-        for module in pl_module.modules():
-            if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
-                self._flops_handles.append(module.register_forward_hook(record))
+    def _log_mask_images(self, trainer: Trainer) -> None:
+        images = figures.mask_images(self._require_engine().tensors, trainer.global_step, self._prefix)
+        step = trainer.global_step - 1  # where Lightning logs this batch's scalars
+        for logger in trainer.loggers:
+            for key, image in images.items():
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key=key, images=[image], step=step)
+                elif isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
 
-    def _stop_counting_flops(self) -> None:
-        for handle in self._flops_handles:
-            handle.remove()
-        self._flops_handles = []
-
-    def _layer_costs(self) -> list[reporting.LayerCost]:
-        by_param = {id(t.param): t for t in self._require_engine().tensors.values()}
-        costs = []
-        for module, flops in self._layer_flops.items():
-            tensor = by_param.get(id(module.weight))
-            if tensor is None:
-                costs.append(reporting.LayerCost(flops, 1.0, 1.0))
+    def _log_hyperparameters(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # before Lightning logs the module's hyperparameters and saves hparams.yaml, right after on_fit_start
+        params = {self._prefix: self.hyperparameters()}
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # TensorBoard's HParams tab reads the first hparams summary of a run: send the module's with ours
+                logger.log_hyperparams({**_lightning_hparams(trainer, pl_module), **params})
             else:
-                a, b = int(tensor.forward_set.sum()), int(tensor.backward_set.sum())
-                costs.append(reporting.LayerCost(flops, a / tensor.numel, b / tensor.numel))
-        return costs
+                logger.log_hyperparams(params)
 
-    def _config(self) -> dict[str, Any]:
+    def _flops_fractions(self) -> tuple[float, float]:
+        flops = self._require_flops()
+        if not flops.finished:
+            return float("nan"), float("nan")  # measured on the first training batch
+        densities = reporting.set_densities(self._require_engine().tensors)
+        return reporting.flops_fractions(flops.masked, flops.dense, densities)
+
+    def _arguments(self) -> dict[str, Any]:
         return {
             "forward_sparsity": self.forward_sparsity,
             "backward_sparsity": self.backward_sparsity,
@@ -370,10 +430,15 @@ class TopKASTCallback(Callback):
             "decoupled_penalty": self.decoupled_penalty,
             "distribution": self.distribution,
             "sparsity_overrides": {k: list(v) for k, v in self.sparsity_overrides.items()},
+            "include": self.include,
+            "exclude": self.exclude,
+            "dense_first_layer": self.dense_first_layer,
+            "dense_last_layer": self.dense_last_layer,
         }
 
     def _release(self) -> None:
-        self._stop_counting_flops()
+        if self._flops is not None:
+            self._flops.pause()
         if self.engine is not None:
             self.engine.detach()
 
@@ -381,6 +446,54 @@ class TopKASTCallback(Callback):
         if self.engine is None:
             raise RuntimeError("TopKASTCallback has no masks yet: they are built at the start of Trainer.fit")
         return self.engine
+
+    def _require_flops(self) -> reporting.FlopCounter:
+        self._require_engine()
+        assert self._flops is not None  # built with the engine
+        return self._flops
+
+    def _require_plan(self) -> Plan:
+        self._require_engine()
+        assert self._plan is not None  # set with the engine
+        return self._plan
+
+
+def _prefix(trainer: Trainer, callback: TopKASTCallback) -> str:
+    """``topkast`` for the first TopKASTCallback of the Trainer, ``topkast_1``, ``topkast_2`` for the next ones."""
+    instances = [cb for cb in trainer.callbacks if isinstance(cb, TopKASTCallback)]  # type: ignore[attr-defined]
+    index = next(i for i, cb in enumerate(instances) if cb is callback)
+    return reporting.PREFIX if index == 0 else f"{reporting.PREFIX}_{index}"
+
+
+def _lightning_hparams(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """The hyperparameters Lightning logs after ``on_fit_start``: the module's, then the datamodule's."""
+    hparams = dict(pl_module.hparams_initial)
+    if trainer.datamodule is not None:  # type: ignore[attr-defined]
+        hparams.update(trainer.datamodule.hparams_initial)  # type: ignore[attr-defined]
+    hparams.pop("_class_path", None)  # LightningCLI's, which Lightning does not log either
+    return hparams
+
+
+def _same_tensors(engine: TopKAST, plan: Plan) -> bool:
+    if list(engine.tensors) != list(plan.parameters):
+        return False
+    pool = set(plan.global_pool)
+    return all(
+        t.param is plan.parameters[name]
+        and (t.forward_density, t.backward_density) == plan.densities[name]
+        and t.in_global_pool == (name in pool)
+        for name, t in engine.tensors.items()
+    )
+
+
+@torch.no_grad()
+def _holds_forward_weights(engine: TopKAST) -> bool:
+    """Whether every masked parameter still holds the engine's α (nothing loaded into the model since)."""
+    for t in engine.tensors.values():
+        alpha = torch.where(t.forward_set, t.theta, 0)
+        if not torch.equal(t.param, alpha) and not bool(((t.param == alpha) | (t.param.isnan() & alpha.isnan())).all()):
+            return False
+    return True
 
 
 def _with_forward_weights(state_dict: dict[str, Any], engine: TopKAST) -> dict[str, Any]:

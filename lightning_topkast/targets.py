@@ -1,28 +1,26 @@
-"""Which parameters Top-KAST masks.
+"""Which parameters Top-KAST masks, and why each of the others stays dense.
 
-Candidates are the parameters with two or more dimensions that no normalisation layer owns, in registration order,
-each tensor once (a weight tied between two modules is one tensor with one mask). Biases and norm parameters are
-never masked. By default the weights of Linear, Conv, Embedding, MultiheadAttention and recurrent layers are
-masked; ``include`` / ``exclude`` patterns match either a parameter name (``fnmatch`` glob, e.g.
-``"encoder.*.weight"``) or the class name of the module that owns it (e.g. ``"Conv2d"``, or ``"Linear"`` for any
-subclass of it).
+Candidates are the floating-point parameters with two or more dimensions that no normalisation layer owns, in
+registration order, each tensor once (a weight tied between two modules is one tensor with one mask, under its first
+name). By default every trainable candidate is masked, whether a known layer owns it (Linear, Conv, Embedding,
+MultiheadAttention, LSTM) or it is a raw ``nn.Parameter`` used through ``F.linear``: the convention of JaxPruner and
+Cerebras' sparsity. Biases, other 1-D parameters and normalisation layers are never masked.
+
+``include`` / ``exclude`` patterns match either a parameter name (``fnmatch`` glob, e.g. ``"encoder.*.weight"``) or
+the class name of the module that owns it (e.g. ``"Conv2d"``, or ``"Linear"`` for any subclass of it). An explicit
+``include`` is the user's word: ``dense_first_layer`` / ``dense_last_layer`` shape the default selection only. When
+they would leave nothing to mask (a one-layer model), the layer is masked anyway and a note says why.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from torch import nn
 
-DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.modules.conv._ConvNd,
-    nn.Embedding,
-    nn.MultiheadAttention,
-    nn.RNNBase,
-)
 NORM_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.LayerNorm,
@@ -30,6 +28,22 @@ NORM_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.LocalResponseNorm,
     nn.RMSNorm,
 )
+# norms written by hand in the wild: LlamaRMSNorm, T5LayerNorm, FusedLayerNorm, ScaleNorm, BatchNorm2d
+_NORM_NAME = re.compile(r"Norm(\d[dD])?$")
+
+DEFAULT_REASON = "default: floating point, 2+ dims, trainable"
+FIRST = "dense_first_layer"
+LAST = "dense_last_layer"
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """Whether ``name`` is ``pattern`` or matches it as an ``fnmatch`` glob (case-sensitive): the one matcher.
+
+    Examples:
+        >>> glob_match("encoder.0.weight", "encoder.*"), glob_match("net.[46].weight", "net.[46].weight")
+        (True, True)
+    """
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
 @dataclass(frozen=True)
@@ -47,32 +61,63 @@ class Candidate:
 
     def matches(self, pattern: str) -> bool:
         """Whether ``pattern`` is a glob of the parameter name or a class name of its module."""
-        return fnmatch.fnmatchcase(self.name, pattern) or pattern in self.type_names
-
-    @property
-    def is_default(self) -> bool:
-        """Masked when no ``include`` is given: a weight of a default layer type."""
-        return isinstance(self.module, DEFAULT_MODULE_TYPES) and "weight" in self.name.rsplit(".", 1)[-1]
+        return glob_match(self.name, pattern) or pattern in self.type_names
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The outcome of target selection: names to mask, in order, and the names kept dense with the reason."""
+    """The outcome of target selection: what ``TopKASTCallback.select_targets`` returns.
+
+    Attributes:
+        masked: names of the tensors to mask, in order.
+        kept_dense: candidates (floating point, 2+ dims, outside norms) left dense, each with the reason.
+        reasons: why each masked tensor is masked.
+        never_masked: the other parameters (biases, 1-D, normalisation layers), each with the reason.
+        notes: what the user should hear about (e.g. a switch overruled on a one-layer model).
+    """
 
     masked: list[str]
-    kept_dense: dict[str, str]
+    kept_dense: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    never_masked: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
-def candidates(model: nn.Module) -> Iterator[Candidate]:
-    """Every parameter of ≥ 2 dimensions outside normalisation layers, in registration order, each tensor once."""
+def _is_norm(module: nn.Module) -> bool:
+    if isinstance(module, NORM_MODULE_TYPES):
+        return True
+    return any(_NORM_NAME.search(cls.__name__) for cls in type(module).__mro__ if issubclass(cls, nn.Module))
+
+
+def _never_reason(module: nn.Module, param: nn.Parameter) -> str | None:
+    if _is_norm(module):
+        return f"normalisation layer ({type(module).__name__})"
+    if not param.is_floating_point():
+        return f"not floating point ({param.dtype})"
+    if param.ndim < 2:
+        return "bias or other 1-D parameter" if param.ndim == 1 else "scalar"
+    return None
+
+
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter]]:
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            if param.ndim >= 2 and not isinstance(module, NORM_MODULE_TYPES):
-                yield Candidate(f"{module_name}.{param_name}" if module_name else param_name, module, param)
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield f"{module_name}.{param_name}" if module_name else param_name, module, param
+
+
+def candidates(model: nn.Module) -> Iterator[Candidate]:
+    """Every floating-point parameter of 2+ dimensions outside normalisation layers, in registration order, once."""
+    for name, module, param in _walk(model):
+        if _never_reason(module, param) is None:
+            yield Candidate(name, module, param)
+
+
+def never_masked(model: nn.Module) -> dict[str, str]:
+    """The parameters that are not candidates, each with the reason (biases, 1-D, norms, integer tensors)."""
+    return {name: why for name, module, param in _walk(model) if (why := _never_reason(module, param)) is not None}
 
 
 def select(
@@ -84,21 +129,81 @@ def select(
 ) -> Selection:
     """Choose the parameters to mask; every ``include`` and ``exclude`` entry must match some candidate.
 
-    ``dense_first_layer`` / ``dense_last_layer`` keep the first / last chosen tensor (registration order) dense.
+    Without ``include``, every trainable candidate is masked except those ``exclude`` names, and then
+    ``dense_first_layer`` / ``dense_last_layer`` keep the first / last of them (registration order) dense unless
+    that would leave nothing to mask. With ``include``, exactly the included candidates not excluded are masked.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        >>> selection = select(model)
+        >>> selection.masked, selection.kept_dense
+        (['2.weight'], {'0.weight': 'first layer (dense_first_layer=True)'})
+        >>> select(model, include=["Linear"]).masked  # include is the user's word
+        ['0.weight', '2.weight']
     """
     pool = list(candidates(model))
     _check_patterns("include", include, pool)
     _check_patterns("exclude", exclude, pool)
-    chosen = [c for c in pool if (any(c.matches(p) for p in include) if include is not None else c.is_default)]
-    chosen = [c for c in chosen if not any(c.matches(p) for p in exclude or ())]
-    kept_dense: dict[str, str] = {}
-    if dense_first_layer and chosen:
-        kept_dense[chosen.pop(0).name] = "first layer (dense_first_layer=True)"
-    if dense_last_layer and chosen:
-        kept_dense[chosen.pop().name] = "last layer (dense_last_layer=True)"
-    if not chosen:
-        raise ValueError(_nothing_to_mask(pool, include, exclude, kept_dense))
-    return Selection([c.name for c in chosen], kept_dense)
+    masked: dict[str, str] = {}
+    dense: dict[str, str] = {}
+    for candidate in pool:
+        chosen, why = _decide(candidate, include, exclude)
+        (masked if chosen else dense)[candidate.name] = why
+    notes: list[str] = []
+    if include is None:
+        notes = _apply_first_last(masked, dense, dense_first_layer, dense_last_layer)
+    if not masked:
+        raise ValueError(_nothing_to_mask(pool, include, exclude, dense))
+    order = [c.name for c in pool]
+    return Selection(
+        masked=list(masked),
+        kept_dense={name: dense[name] for name in order if name in dense},
+        reasons=masked,
+        never_masked=never_masked(model),
+        notes=notes,
+    )
+
+
+def _decide(candidate: Candidate, include: Sequence[str] | None, exclude: Sequence[str] | None) -> tuple[bool, str]:
+    """Whether ``candidate`` is masked (before the first/last switches), and why."""
+    if include is not None:
+        hit = next((p for p in include if candidate.matches(p)), None)
+        if hit is None:
+            return False, "not matched by include"
+        why = f"include {hit!r}"
+    elif not candidate.param.requires_grad:
+        return False, "frozen (requires_grad=False)"
+    else:
+        why = DEFAULT_REASON
+    excluded = next((p for p in exclude or () if candidate.matches(p)), None)
+    return (False, f"exclude {excluded!r}") if excluded is not None else (True, why)
+
+
+def _apply_first_last(masked: dict[str, str], dense: dict[str, str], first: bool, last: bool) -> list[str]:
+    """Move the first/last masked tensor to ``dense``; if that would empty ``masked``, keep them and say why."""
+    order = list(masked)
+    dropped: dict[str, str] = {}
+    if first and order:
+        dropped[order[0]] = FIRST
+    if last and order and order[-1] not in dropped:
+        dropped[order[-1]] = LAST
+    if not dropped:
+        return []
+    if len(dropped) < len(order):
+        for name, switch in dropped.items():
+            dense[name] = f"{'first' if switch == FIRST else 'last'} layer ({switch}=True)"
+            del masked[name]
+        return []
+    switches = sorted(set(dropped.values()))
+    flags = ", ".join(f"{s}=True" for s in switches)
+    names = ", ".join(dropped)
+    for name in dropped:
+        masked[name] = f"masked anyway: {flags} would leave nothing to mask"
+    fix = ", ".join(f"{s}=False" for s in switches)
+    return [
+        f"TopKASTCallback({flags}) would keep {names} dense, and it is all there is to mask: masking it anyway. "
+        f"Pass {fix} to silence this, or exclude={list(dropped)!r} to train it dense."
+    ]
 
 
 def _check_patterns(argument: str, patterns: Sequence[str] | None, pool: list[Candidate]) -> None:
@@ -111,20 +216,37 @@ def _check_patterns(argument: str, patterns: Sequence[str] | None, pool: list[Ca
 
 
 def _nothing_to_mask(
-    pool: list[Candidate], include: Sequence[str] | None, exclude: Sequence[str] | None, kept_dense: dict[str, str]
+    pool: list[Candidate], include: Sequence[str] | None, exclude: Sequence[str] | None, dense: Mapping[str, str]
 ) -> str:
-    why = f"include={list(include)!r}, exclude={list(exclude or [])!r}" if include is not None else "the defaults"
-    dense = f" and kept dense: {', '.join(f'{n} ({r})' for n, r in kept_dense.items())}" if kept_dense else ""
+    known = _known(pool)
+    if not pool:
+        return (
+            "TopKASTCallback found no parameter to mask: Top-KAST masks floating-point parameters of two or more "
+            f"dimensions outside normalisation layers (weight matrices, kernels, embeddings). {known}"
+        )
+    if include is not None and not include:
+        return (
+            "TopKASTCallback(include=[]): selects no parameter to mask. List parameter-name globs or module class "
+            f"names, e.g. include=['Linear'], or leave include unset to mask every candidate. {known}"
+        )
+    if any(why.startswith("exclude ") for why in dense.values()):
+        argument = f"include={list(include)!r}, exclude={list(exclude or [])!r}" if include else f"exclude={exclude!r}"
+        what = "every tensor that include selects" if include else "every candidate"
+        frozen = [name for name, why in dense.items() if why.startswith("frozen")]
+        also = f" (the others are frozen: {', '.join(frozen)})" if frozen else ""
+        return (
+            f"TopKASTCallback({argument}): exclude removes {what}{also}, leaving nothing to mask. Remove a pattern "
+            f"from exclude. {known}"
+        )
     return (
-        f"TopKASTCallback found no parameter to mask with {why}{dense}. Masked by default are the weights of "
-        f"Linear, Conv, Embedding, MultiheadAttention and RNN layers; name others with include=[...], or pass "
-        f"dense_first_layer=False for a one-layer model. {_known(pool)}"
+        "TopKASTCallback found no parameter to mask: every candidate is frozen (requires_grad=False). Name the ones "
+        f"to mask anyway with include=[...]. {known}"
     )
 
 
 def _known(pool: list[Candidate], limit: int = 8) -> str:
     if not pool:
-        return "The model has no parameter of two or more dimensions."
+        return "The model has no such parameter."
     names = ", ".join(repr(c.name) for c in pool[:limit]) + (", ..." if len(pool) > limit else "")
     types = ", ".join(repr(t) for t in dict.fromkeys(c.type_names[0] for c in pool))
     return f"Candidates: {names}; module types: {types}."

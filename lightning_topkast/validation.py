@@ -11,16 +11,18 @@ from typing import Any
 
 import torch
 
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
+def check_strategy(strategy: object, sharded: tuple[type, ...]) -> None:
+    """Raise for a strategy that shards parameters (an instance of one of ``sharded``): not supported yet.
 
-def check_strategy(strategy: object) -> None:
-    """Raise for strategies that shard parameters (FSDP, DeepSpeed, model parallel): not supported yet."""
-    name = type(strategy).__name__
-    if any(cls.__name__ in _SHARDED_STRATEGIES for cls in type(strategy).__mro__):
+    The caller passes the classes (Lightning's ``FSDPStrategy``, ``DeepSpeedStrategy``, ``ModelParallelStrategy``),
+    so a subclass is caught by ``isinstance`` and a rename in Lightning fails at import, not silently.
+    """
+    if isinstance(strategy, sharded):
         raise ValueError(
-            f"TopKASTCallback does not support Trainer(strategy={name}): it shards parameters, and a top-k per shard "
-            "is a different algorithm from Top-KAST's per-tensor top-k. Use strategy='ddp' or a single device."
+            f"TopKASTCallback does not support Trainer(strategy={type(strategy).__name__}): it shards parameters, and "
+            "a top-k per shard is a different algorithm from Top-KAST's per-tensor top-k. Use strategy='ddp' or a "
+            "single device."
         )
 
 
@@ -92,6 +94,13 @@ def positive_int(argument: str, value: Any) -> int:
     """An integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"TopKASTCallback({argument}={value!r}): must be an integer >= 1 (optimizer steps)")
+    return value
+
+
+def non_negative_int(argument: str, value: Any, meaning: str) -> int:
+    """An integer >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"TopKASTCallback({argument}={value!r}): must be an integer >= 0 ({meaning})")
     return value
 
 

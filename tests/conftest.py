@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
+import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,6 +17,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One intra-op thread unless the caller chose: the test models are tiny, so their steps are many small kernels, and
+# two OpenMP threads on a 2-core machine that another process shares spin and wait (measured: the fast lane took 89 s
+# with two threads and 38 s with one while a benchmark held a core). Subprocesses (DDP ranks, crash workers) inherit.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def make_loader(n: int = 64, features: int = 8, classes: int = 3, batch_size: int = 16, seed: int = 0) -> DataLoader:
@@ -60,6 +70,41 @@ def saved_sets(saved: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return (code & 2) != 0, (code & 1) != 0
 
 
+class RNGState(L.Callback):
+    """Keeps torch's global RNG state in checkpoints: Lightning does not, and dropout needs it to resume bit-exactly.
+
+    Restored on load, before the training data's iterator draws its seed: the same point in the stream as in the
+    uninterrupted run when the data itself draws nothing.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+
+
+def assert_alpha(engine: Any) -> None:
+    """Every masked parameter holds α = θ on A, exactly 0 elsewhere; |A| and |B| are exact counts; A ⊆ B.
+
+    Counts are per tensor, or over the whole pool for tensors ranked together (``distribution="global"``).
+    """
+    from lightning_topkast.selection import count
+
+    pool = [t for t in engine.tensors.values() if t.in_global_pool]
+    for name, t in engine.tensors.items():
+        alpha = torch.where(t.forward_set, t.theta, 0)
+        torch.testing.assert_close(t.param.detach(), alpha, rtol=0, atol=0, equal_nan=True, msg=name)
+        assert not bool((t.forward_set & ~t.backward_set).any()), name
+        if not t.in_global_pool:
+            assert int(t.forward_set.sum()) == count(t.forward_density, t.numel), name
+            assert int(t.backward_set.sum()) == count(t.backward_density, t.numel), name
+    if pool:
+        numel = sum(t.numel for t in pool)
+        assert sum(int(t.forward_set.sum()) for t in pool) == count(pool[0].forward_density, numel)
+        assert sum(int(t.backward_set.sum()) for t in pool) == count(pool[0].backward_density, numel)
+
+
 def make_trainer(tmp_path: Any, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
     """A quiet CPU Trainer writing under ``tmp_path``; ``kwargs`` override the defaults."""
     defaults: dict[str, Any] = {
@@ -75,6 +120,74 @@ def make_trainer(tmp_path: Any, callbacks: list[L.Callback], **kwargs: Any) -> L
     }
     defaults.update(kwargs)
     return L.Trainer(callbacks=callbacks, **defaults)
+
+
+def wandb_records(path: Path) -> list[Any]:
+    """The records of an offline W&B run file, read with the protobuf classes that wandb ships.
+
+    A ``.wandb`` file is a 7-byte header (``:W&B``, magic 0xBEE1, version 0) followed by a LevelDB-style log:
+    32 KiB blocks of chunks, each with a 7-byte header (crc32, little-endian length, type 1 full / 2 first /
+    3 middle / 4 last); a block tail shorter than a chunk header is zero padding. Each full record is a
+    ``wandb_internal_pb2.Record``. A chunk not yet completely written ends the list.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes() if path.exists() else b"", 32 * 1024
+    if len(data) < 7:
+        return []
+    assert data[:7] == b":W&B\xe1\xbe\x00", data[:7]
+    records, pos, pending = [], 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):
+            break
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def wandb_history(path: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """History rows of a finished offline run; waits for its ``exit`` record.
+
+    ``Run.finish()`` can return before the wandb-core service has written the whole run file (seen with wandb 0.31
+    offline: a 7-byte file right after ``finish()``, complete a moment later), so poll until the run's last record.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
+        time.sleep(0.05)
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+
+
+def wandb_config(path: Path, timeout: float = 60.0) -> dict[str, Any]:
+    """The run config of a finished offline run, merged from its ``config`` records."""
+    wandb_history(path, timeout)  # waits for the exit record
+    config: dict[str, Any] = {}
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "config":
+            for item in record.config.update:
+                config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return config
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Notebooks (nbmake, a kernel subprocess each) join the slow lane: ``pytest -m "not slow"`` skips them."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

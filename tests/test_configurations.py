@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MLP, make_loader, make_trainer
+from conftest import MLP, assert_alpha, make_loader, make_trainer
 from torch import nn
 
 from lightning_topkast import TopKASTCallback
@@ -29,9 +29,7 @@ def fit(tmp_path: Path, **kwargs: Any) -> TopKASTCallback:
     callback = TopKASTCallback(update_interval=2, **kwargs)
     make_trainer(tmp_path, [callback], max_steps=6).fit(Wider(), make_loader(n=96))
     assert callback.engine is not None
-    for tensor in callback.engine.tensors.values():
-        assert torch.equal(tensor.param, torch.where(tensor.forward_set, tensor.theta, 0))
-        assert not bool((tensor.forward_set & ~tensor.backward_set).any())
+    assert_alpha(callback.engine)
     return callback
 
 
@@ -91,12 +89,24 @@ def test_dense_first_and_last_layer_and_exclude(tmp_path: Path) -> None:
     callback = fit(tmp_path, dense_first_layer=True, dense_last_layer=True, exclude=["net.4.*"])
     assert callback.engine is not None
     assert list(callback.engine.tensors) == ["net.2.weight"]
-    assert set(callback.kept_dense) == {"net.0.weight", "net.6.weight"}
-    assert "net.6.weight (last layer (dense_last_layer=True))" in callback.summary_table()
+    assert callback.kept_dense == {
+        "net.0.weight": "first layer (dense_first_layer=True)",
+        "net.4.weight": "exclude 'net.4.*'",
+        "net.6.weight": "last layer (dense_last_layer=True)",
+    }
+    table = callback.summary_table().splitlines()
+    assert table[2].startswith("0 | net.0.weight | (32, 8)  | 256    | dense       | dense       |     |     |")
+    assert [line.rsplit(" | ", 1)[-1] for line in table[2:6]] == [
+        "first layer (dense_first_layer=True)",
+        "default: floating point, 2+ dims, trainable",
+        "exclude 'net.4.*'",
+        "last layer (dense_last_layer=True)",
+    ]
+    assert table[-2] == "Kept dense: 3 tensors, 688 weights; never masked: bias or other 1-D parameter (4)"
 
 
-def test_include_by_type_with_first_layer_masked(tmp_path: Path) -> None:
-    callback = fit(tmp_path, include=["Linear"], dense_first_layer=False)
+def test_include_masks_every_match_whatever_the_first_layer_switch(tmp_path: Path) -> None:
+    callback = fit(tmp_path, include=["Linear"])
     assert callback.engine is not None
     assert list(callback.engine.tensors) == ["net.0.weight", "net.2.weight", "net.4.weight", "net.6.weight"]
     assert [row["name"] for row in callback.summary()] == list(callback.engine.tensors)
@@ -108,4 +118,6 @@ def test_include_by_type_with_first_layer_masked(tmp_path: Path) -> None:
         "backward_density": 0.5,
         "forward_set": count(0.2, 256),
         "backward_set": count(0.5, 256),
+        "masked": True,
+        "why": "include 'Linear'",
     }

@@ -189,11 +189,11 @@ def test_sigkill_mid_step_then_resume_from_last_checkpoint_is_bit_exact(
         assert reference["topkast"] is None
         return
     if early_refresh is not None:  # refreshes at steps that θ chose, the same ones after the kill and resume
-        saved = checkpoint["callbacks"]["TopKASTCallback"]
+        saved = checkpoint["callbacks"][TopKASTCallback().state_key]
         assert 0 < saved["early_refreshes"] == saved["refreshes"] < resumed["topkast"]["early_refreshes"] < STEPS
         return
     # the kill lost at least one refresh, which the resumed process redid from the checkpointed θ
-    assert checkpoint["callbacks"]["TopKASTCallback"]["refreshes"] == checkpointed // update_interval
+    assert checkpoint["callbacks"][TopKASTCallback().state_key]["refreshes"] == checkpointed // update_interval
     assert resumed["start"]["refreshes"] == checkpointed // update_interval < kill_at // update_interval
     assert resumed["topkast"]["refreshes"] == STEPS // update_interval
     assert resumed["topkast"]["steps"] == [STEPS]
@@ -255,7 +255,7 @@ def _fit_inside(root: Path, order: str | None, ckpt_path: Path | None = None) ->
 
 def _load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     checkpoint = torch.load(path, weights_only=True)
-    return checkpoint, checkpoint["callbacks"]["TopKASTCallback"]
+    return checkpoint, checkpoint["callbacks"][TopKASTCallback().state_key]
 
 
 @pytest.fixture(scope="module")

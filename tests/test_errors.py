@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from conftest import MLP, make_loader, make_trainer
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import nn
 
 from lightning_topkast import TopKASTCallback
@@ -51,15 +51,28 @@ class SparseEmbedding(RecordingMLP):
 
 
 class NormsOnly(RecordingMLP):
-    """Nothing maskable: one LayerNorm, a 1-D scale and a single Linear that the first-layer rule keeps dense."""
+    """Nothing maskable: two LayerNorms, a 1-D scale and a 1-D bias."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 3))
+        self.net = nn.Sequential(nn.LayerNorm((8,)), nn.LayerNorm((8,)))
         self.scale = nn.Parameter(torch.ones(8))
+        self.bias = nn.Parameter(torch.zeros(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x * self.scale)
+        return self.net(x * self.scale)[:, :3] + self.bias
+
+
+class Frozen(RecordingMLP):
+    """A frozen backbone and no trainable matrix: nothing to mask by default."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.requires_grad_(False)
+        self.bias = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.bias
 
 
 class ShardedStrategy(FSDPStrategy):
@@ -273,6 +286,23 @@ CASES = [
         r"exploration_penalty='1e-4'\): must be a finite number >= 0",
         id="ep-str",
     ),
+    # log_masks_every_n_steps
+    pytest.param(
+        {"log_masks_every_n_steps": -1},
+        None,
+        {},
+        ValueError,
+        r"log_masks_every_n_steps=-1\): must be an integer >= 0 \(optimizer steps; 0 turns it off\)",
+        id="masks-negative",
+    ),
+    pytest.param(
+        {"log_masks_every_n_steps": 2.5},
+        None,
+        {},
+        ValueError,
+        r"log_masks_every_n_steps=2\.5\): must be an integer >= 0",
+        id="masks-float",
+    ),
     # distribution
     pytest.param(
         {"distribution": "erdos"},
@@ -374,14 +404,14 @@ CASES = [
         r"\.weight'",
         id="exclude-no-glob",
     ),
-    # nothing left to mask
+    # nothing left to mask: the message names the argument that did it
     pytest.param(
         {"include": []},
         None,
         {},
         ValueError,
-        r"found no parameter to mask with include=\[\], exclude=\[\]\..*name others with include=\[\.\.\.\].*Candida"
-        r"tes: 'net\.0\.weight'",
+        r"TopKASTCallback\(include=\[\]\): selects no parameter to mask\..*e\.g\. include=\['Linear'\].*Candidates: 'ne"
+        r"t\.0\.weight'",
         id="include-empty",
     ),
     pytest.param(
@@ -389,7 +419,8 @@ CASES = [
         None,
         {},
         ValueError,
-        r"found no parameter to mask with include=\['Linear'\], exclude=\['net\.\*'\].*Candidates",
+        r"TopKASTCallback\(include=\['Linear'\], exclude=\['net\.\*'\]\): exclude removes every tensor that include s"
+        r"elects, leaving nothing to mask.*Candidates",
         id="exclude-all-globs",
     ),
     pytest.param(
@@ -397,7 +428,8 @@ CASES = [
         None,
         {},
         ValueError,
-        r"found no parameter to mask with the defaults\..*Candidates: 'net\.0\.weight'.*module types: 'Linear'",
+        r"TopKASTCallback\(exclude=\['Linear'\]\): exclude removes every candidate, leaving nothing to mask\. Remove a "
+        r"pattern from exclude\. Candidates: 'net\.0\.weight'.*module types: 'Linear'",
         id="exclude-all-types",
     ),
     pytest.param(
@@ -405,9 +437,17 @@ CASES = [
         NormsOnly,
         {},
         ValueError,
-        r"found no parameter to mask with the defaults and kept dense: net\.1\.weight \(first layer.*dense_first_lay"
-        r"er=False.*Candidates: 'net\.1\.weight'",
+        r"TopKASTCallback found no parameter to mask: Top-KAST masks floating-point parameters of two or more dimensi"
+        r"ons outside normalisation layers.*The model has no such parameter",
         id="norms-only-model",
+    ),
+    pytest.param(
+        {},
+        Frozen,
+        {},
+        ValueError,
+        r"every candidate is frozen \(requires_grad=False\)\. Name the ones to mask anyway with include=\[\.\.\.\]",
+        id="frozen-model",
     ),
     # sparsity_overrides: wrong shapes and values, names that match nothing
     pytest.param(
@@ -812,11 +852,28 @@ def test_the_cli_control_yaml_trains(tmp_path: Path) -> None:
 # --- direct checks ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", [FSDPStrategy(), ModelParallelStrategy()])
+SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy(), ModelParallelStrategy(), ShardedStrategy()])
 def test_sharded_strategies_are_rejected(strategy: object) -> None:
     name = type(strategy).__name__
     with pytest.raises(ValueError, match=rf"does not support Trainer\(strategy={name}\).*Use strategy='ddp'"):
-        check_strategy(strategy)
+        check_strategy(strategy, SHARDED)
+
+
+class FSDPStrategyLookalike(SingleDeviceStrategy):
+    """A user's strategy that shards nothing: only its class name says "FSDPStrategy"."""
+
+
+FSDPStrategyLookalike.__name__ = FSDPStrategyLookalike.__qualname__ = "FSDPStrategy"
+
+
+def test_a_strategy_is_judged_by_its_type_not_its_name(tmp_path: Path) -> None:
+    """Matching by class name rejected this strategy (and would miss a renamed sharded one)."""
+    Recorder.steps = 0
+    _fit(tmp_path, {}, None, strategy=FSDPStrategyLookalike(device=torch.device("cpu")))
+    assert Recorder.steps == 2
 
 
 def test_metrics_before_fit_say_when_masks_exist() -> None:

@@ -10,9 +10,6 @@ after rounding to float32.
 from __future__ import annotations
 
 import csv
-import json
-import struct
-import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import MLP, make_loader, make_trainer
+from conftest import MLP, make_loader, make_trainer, wandb_history
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -235,56 +232,6 @@ def test_csv_logger_gets_exact_metrics_at_every_log_step(
     logged = read_csv(Path(logger.log_dir) / "metrics.csv")
     assert sorted(logged) == list(range(log_every_n_steps - 1, STEPS, log_every_n_steps))
     check_logged(logged, topkast, expected)
-
-
-def wandb_records(path: Path) -> list[Any]:
-    """The records of an offline W&B run file, read with the protobuf classes that wandb ships.
-
-    A ``.wandb`` file is a 7-byte header (``:W&B``, magic 0xBEE1, version 0) followed by a LevelDB-style log:
-    32 KiB blocks of chunks, each with a 7-byte header (crc32, little-endian length, type 1 full / 2 first /
-    3 middle / 4 last); a block tail shorter than a chunk header is zero padding. Each full record is a
-    ``wandb_internal_pb2.Record``. A chunk not yet completely written ends the list.
-    """
-    from wandb.proto import wandb_internal_pb2
-
-    data, block = path.read_bytes() if path.exists() else b"", 32 * 1024
-    if len(data) < 7:
-        return []
-    assert data[:7] == b":W&B\xe1\xbe\x00", data[:7]
-    records, pos, pending = [], 7, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if pos + 7 + length > len(data):
-            break
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            records.append(wandb_internal_pb2.Record.FromString(pending))
-            pending = b""
-    return records
-
-
-def wandb_history(path: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """History rows of a finished offline run; waits for its ``exit`` record.
-
-    ``Run.finish()`` can return before the wandb-core service has written the whole run file (seen with wandb 0.31
-    offline: a 7-byte file right after ``finish()``, complete a moment later), so poll until the run's last record.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        records = wandb_records(path)
-        if any(r.WhichOneof("record_type") == "exit" for r in records):
-            break
-        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
-        time.sleep(0.05)
-    return [
-        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-        for r in records
-        if r.WhichOneof("record_type") == "history"
-    ]
 
 
 def test_wandb_offline_run_gets_exact_metrics(tmp_path: Path) -> None:

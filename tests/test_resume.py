@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_resume_without_callback_is_bit_exact_too(tmp_path: Path) -> None:
 
 def test_checkpoint_state_loads_with_weights_only(tmp_path: Path) -> None:
     _model, _callback, ckpt = _fit_two_epochs(tmp_path, "sgd", with_callback=True)
-    state = torch.load(ckpt, weights_only=True)["callbacks"]["TopKASTCallback"]
+    state = torch.load(ckpt, weights_only=True)["callbacks"][TopKASTCallback().state_key]
     assert state["version"] == 2
     assert state["config"]["forward_sparsity"] == 0.8
     assert state["steps"] == [STEPS_PER_EPOCH]
@@ -77,7 +78,10 @@ def test_checkpoint_state_loads_with_weights_only(tmp_path: Path) -> None:
 
 def test_checkpoint_without_callback_state_raises(tmp_path: Path) -> None:
     _, _, ckpt = _fit_two_epochs(tmp_path, "sgd", with_callback=False)
-    with pytest.raises(ValueError, match=r"holds no TopKASTCallback state.*strict_resume=False"):
+    key = re.escape(TopKASTCallback().state_key)
+    with pytest.raises(
+        ValueError, match=rf"holds no state for {key} \(saved without the callback\?\).*strict_resume=False"
+    ):
         _resume(tmp_path, ckpt, "sgd", TopKASTCallback())
 
 
@@ -93,9 +97,20 @@ def test_checkpoint_without_callback_state_starts_fresh_when_asked(tmp_path: Pat
     assert torch.count_nonzero(model.net[2].weight) == round(0.2 * 16 * 16)
 
 
-def test_checkpoint_for_other_tensors_lists_differences(tmp_path: Path) -> None:
+def test_checkpoint_for_other_densities_lists_differences(tmp_path: Path) -> None:
     _, _, ckpt = _fit_two_epochs(tmp_path, "sgd", with_callback=True)
-    callback = TopKASTCallback(update_interval=3, dense_first_layer=False, forward_sparsity=0.9)
-    with pytest.raises(ValueError, match=r"net\.0\.weight: masked now, not in the checkpoint") as error:
+    callback = TopKASTCallback(update_interval=3, forward_sparsity=0.9, backward_sparsity=0.7)
+    with pytest.raises(ValueError, match=r"net\.2\.weight: backward_density 0\.5 in the checkpoint, 0\.3 now") as error:
         _resume(tmp_path, ckpt, "sgd", callback)
-    assert "net.2.weight: forward_density 0.2" in str(error.value)
+    assert "net.2.weight: forward_density 0.2 in the checkpoint, 0.1 now" in str(error.value)
+    assert "net.4.weight: forward_density 0.2 in the checkpoint, 0.1 now" in str(error.value)
+
+
+def test_checkpoint_from_a_callback_with_other_targets_names_its_state_key(tmp_path: Path) -> None:
+    _, _, ckpt = _fit_two_epochs(tmp_path, "sgd", with_callback=True)
+    callback = TopKASTCallback(update_interval=3, dense_first_layer=False)
+    saved = re.escape(TopKASTCallback().state_key)
+    with pytest.raises(
+        ValueError, match=rf"it holds {saved}, from a callback with other targets; pass the same include"
+    ):
+        _resume(tmp_path, ckpt, "sgd", callback)

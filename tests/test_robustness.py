@@ -177,8 +177,8 @@ def test_simple_profiler_changes_nothing(
     _assert_reproduces(reference, model, callback)
     summary = trainer.profiler.summary()
     # the profiler timed the callback's hooks, so it really wrapped them
-    assert "[Callback]TopKASTCallback.on_before_optimizer_step" in summary
-    assert "[Callback]TopKASTCallback.on_train_batch_end" in summary
+    assert f"[Callback]{callback.state_key}.on_before_optimizer_step" in summary
+    assert f"[Callback]{callback.state_key}.on_train_batch_end" in summary
 
 
 # --- torch.compile ----------------------------------------------------------------------------------------------

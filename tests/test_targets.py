@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_topkast.targets import Selection, candidates, select
+from lightning_topkast.targets import DEFAULT_REASON, candidates, glob_match, select
 
 
 class Zoo(nn.Module):
@@ -62,9 +62,12 @@ def mlp(*sizes: int) -> nn.Sequential:
 # --- defaults ---------------------------------------------------------------------------------------------------------
 
 
-def test_defaults_mask_every_default_layer_weight() -> None:
+def test_defaults_mask_every_candidate() -> None:
     selection = select(Zoo(), dense_first_layer=False)
-    assert selection == Selection(ZOO_DEFAULTS, {})
+    assert selection.masked == ZOO_DEFAULTS
+    assert selection.kept_dense == {}
+    assert selection.reasons == dict.fromkeys(ZOO_DEFAULTS, DEFAULT_REASON)
+    assert selection.notes == []
 
 
 def test_defaults_never_mask_biases_or_norms() -> None:
@@ -77,6 +80,61 @@ def test_defaults_never_mask_biases_or_norms() -> None:
     assert model.norm.weight.ndim == 2
     assert all(not c.name.startswith(("bn.", "norm.", "group_norm.")) for c in candidates(model))
     assert all(c.param.ndim >= 2 for c in candidates(model))
+
+
+def test_never_masked_lists_every_other_parameter_with_its_reason() -> None:
+    never = select(Zoo()).never_masked
+    assert never == {
+        "conv.bias": "bias or other 1-D parameter",
+        "bn.weight": "normalisation layer (BatchNorm2d)",
+        "bn.bias": "normalisation layer (BatchNorm2d)",
+        "attn.in_proj_bias": "bias or other 1-D parameter",
+        "attn.out_proj.bias": "bias or other 1-D parameter",
+        "norm.weight": "normalisation layer (LayerNorm)",
+        "norm.bias": "normalisation layer (LayerNorm)",
+        "lstm.bias_ih_l0": "bias or other 1-D parameter",
+        "lstm.bias_hh_l0": "bias or other 1-D parameter",
+        "group_norm.weight": "normalisation layer (GroupNorm)",
+        "group_norm.bias": "normalisation layer (GroupNorm)",
+        "head.bias": "bias or other 1-D parameter",
+    }
+    assert set(never) | {c.name for c in candidates(Zoo())} == {n for n, _ in Zoo().named_parameters()}
+
+
+class Wild(nn.Module):
+    """Parameters as research code writes them: raw matrices, a hand-written norm, a frozen table, an int buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(8, 4))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.scale = nn.Parameter(torch.ones(8))
+        self.rms = LlamaRMSNorm()
+        self.frozen = nn.Parameter(torch.randn(5, 8), requires_grad=False)
+        self.counts = nn.Parameter(torch.zeros(3, 3, dtype=torch.long), requires_grad=False)
+        self.out = nn.Linear(8, 2)
+
+
+class LlamaRMSNorm(nn.Module):
+    """A norm written by hand with a 2-D weight: recognised by its class name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1, 8))
+
+
+def test_raw_parameters_are_masked_by_default_and_frozen_ones_kept_dense() -> None:
+    selection = select(Wild(), dense_first_layer=False)
+    assert selection.masked == ["w_in", "cls_token", "out.weight"]
+    assert selection.kept_dense == {"frozen": "frozen (requires_grad=False)"}
+    assert selection.never_masked == {
+        "scale": "bias or other 1-D parameter",
+        "counts": "not floating point (torch.int64)",
+        "rms.weight": "normalisation layer (LlamaRMSNorm)",
+        "out.bias": "bias or other 1-D parameter",
+    }
+    # an explicit include masks a frozen tensor too: the user's word
+    assert select(Wild(), include=["frozen"]).masked == ["frozen"]
 
 
 def test_defaults_keep_the_first_layer_dense() -> None:
@@ -164,18 +222,34 @@ def test_include_class_name_matches_subclasses() -> None:
     assert select(Zoo(), include=["Linear"], dense_first_layer=False).masked == ["attn.out_proj.weight", "head.weight"]
 
 
-def test_raw_parameter_used_functionally_is_selectable_by_name() -> None:
+def test_raw_parameter_used_functionally_is_masked_by_default() -> None:
     model = RawParameter()
     assert model(torch.ones(2, 4)).shape == (2, 3)
-    assert select(model, dense_first_layer=False).masked == ["lin.weight"]  # not a default layer type
-    assert select(model, include=["w"], dense_first_layer=False).masked == ["w"]
-    assert select(model, include=["RawParameter"], dense_first_layer=False).masked == ["w"]
+    assert select(model, dense_first_layer=False).masked == ["w", "lin.weight"]
+    assert select(model, include=["w"]).masked == ["w"]
+    assert select(model, include=["RawParameter"]).masked == ["w"]
 
 
-def test_include_still_applies_the_first_layer_rule() -> None:
-    selection = select(mlp(2, 3, 4), include=["*.weight"])
+# --- include wins over the first/last switches ------------------------------------------------------------------------
+
+
+def test_include_is_not_trimmed_by_the_first_layer_rule() -> None:
+    """The bug: include=['fc*.weight'] silently kept fc1 (87% of the model) dense and masked only fc2."""
+    model = nn.Module()
+    model.fc1 = nn.Linear(100, 87)
+    model.fc2 = nn.Linear(87, 15)
+    selection = select(model, include=["fc*.weight"])
+    assert selection.masked == ["fc1.weight", "fc2.weight"]
+    assert selection.reasons == {"fc1.weight": "include 'fc*.weight'", "fc2.weight": "include 'fc*.weight'"}
+    assert selection.kept_dense == {}
+    selection = select(model, include=["fc*.weight"], dense_first_layer=True, dense_last_layer=True)
+    assert selection.masked == ["fc1.weight", "fc2.weight"]
+
+
+def test_include_reports_what_it_left_out() -> None:
+    selection = select(mlp(2, 3, 4), include=["1.*"])
     assert selection.masked == ["1.weight"]
-    assert list(selection.kept_dense) == ["0.weight"]
+    assert selection.kept_dense == {"0.weight": "not matched by include"}
 
 
 def test_exclude() -> None:
@@ -185,15 +259,69 @@ def test_exclude() -> None:
         "attn.in_proj_weight",
         "attn.out_proj.weight",
     ]
-    assert select(Zoo(), include=["attn.*"], exclude=["*out_proj*"], dense_first_layer=False).masked == [
-        "attn.in_proj_weight"
-    ]
+    selection = select(Zoo(), include=["attn.*"], exclude=["*out_proj*"])
+    assert selection.masked == ["attn.in_proj_weight"]
+    assert selection.kept_dense["attn.out_proj.weight"] == "exclude '*out_proj*'"
+    assert selection.kept_dense["conv.weight"] == "not matched by include"
 
 
 def test_exclude_applies_before_the_first_layer_rule() -> None:
     selection = select(mlp(2, 3, 4, 5), exclude=["0.weight"])
     assert selection.masked == ["2.weight"]
-    assert list(selection.kept_dense) == ["1.weight"]
+    assert selection.kept_dense == {
+        "0.weight": "exclude '0.weight'",
+        "1.weight": "first layer (dense_first_layer=True)",
+    }
+
+
+# --- one-layer models -------------------------------------------------------------------------------------------------
+
+
+def test_one_layer_model_is_masked_anyway_with_a_note() -> None:
+    selection = select(mlp(32, 2))
+    assert selection.masked == ["0.weight"]
+    assert selection.kept_dense == {}
+    assert selection.reasons == {"0.weight": "masked anyway: dense_first_layer=True would leave nothing to mask"}
+    assert selection.notes == [
+        "TopKASTCallback(dense_first_layer=True) would keep 0.weight dense, and it is all there is to mask: masking "
+        "it anyway. Pass dense_first_layer=False to silence this, or exclude=['0.weight'] to train it dense."
+    ]
+    assert select(mlp(32, 2), dense_first_layer=False).notes == []
+
+
+def test_two_layers_with_both_switches_are_masked_anyway() -> None:
+    selection = select(mlp(4, 3, 2), dense_last_layer=True)
+    assert selection.masked == ["0.weight", "1.weight"]
+    assert selection.notes[0].startswith(
+        "TopKASTCallback(dense_first_layer=True, dense_last_layer=True) would keep 0.weight, 1.weight dense"
+    )
+    # one of three left masked: the switches apply as asked, no note
+    assert select(mlp(4, 3, 2, 2), dense_last_layer=True).notes == []
+
+
+def test_one_layer_left_after_exclude_is_masked_anyway() -> None:
+    selection = select(mlp(2, 3, 4), exclude=["1.weight"])
+    assert selection.masked == ["0.weight"]
+    assert selection.kept_dense == {"1.weight": "exclude '1.weight'"}
+    assert len(selection.notes) == 1
+
+
+# --- one matcher ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern", "hit"),
+    [
+        ("net.2.weight", "net.2.weight", True),
+        ("net.2.weight", "net.*", True),
+        ("net.2.weight", "net.[46].weight", False),
+        ("net.4.weight", "net.[46].weight", True),
+        ("net.[46].weight", "net.[46].weight", True),  # a literal name wins over the glob reading
+        ("Net.2.weight", "net.*", False),  # case-sensitive on every platform
+    ],
+)
+def test_glob_match(name: str, pattern: str, hit: bool) -> None:
+    assert glob_match(name, pattern) is hit
 
 
 # --- errors -----------------------------------------------------------------------------------------------------------
@@ -229,32 +357,38 @@ def test_candidate_list_is_truncated() -> None:
 def test_model_with_nothing_to_mask() -> None:
     model = nn.Sequential(nn.LayerNorm(4), nn.BatchNorm1d(4))
     with pytest.raises(
-        ValueError, match=r"found no parameter to mask with the defaults\. .*The model has no parameter"
+        ValueError, match=r"found no parameter to mask: Top-KAST masks floating-point parameters .*The "
     ):
         select(model, dense_first_layer=False)
 
 
-def test_one_layer_model_says_to_pass_dense_first_layer_false() -> None:
+def test_exclude_that_leaves_nothing_names_exclude() -> None:
+    """The bug: exclude=['Conv2d', 'Linear'] reported 'no parameter to mask with the defaults'."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+    message = (
+        "TopKASTCallback(exclude=['Conv2d', 'Linear']): exclude removes every candidate, leaving nothing to mask. "
+        "Remove a pattern from exclude. Candidates: '0.weight', '2.weight'; module types: 'Conv2d', 'Linear'."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        select(model, exclude=["Conv2d", "Linear"])
+
+
+def test_exclude_that_removes_everything_included_names_both() -> None:
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "found no parameter to mask with the defaults and kept dense: 0.weight (first layer "
-            "(dense_first_layer=True))"
+            "TopKASTCallback(include=['*'], exclude=['Linear']): exclude removes every tensor that include selects"
         ),
-    ) as excinfo:
-        select(mlp(3, 2))
-    assert "dense_first_layer=False" in str(excinfo.value)
-    assert select(mlp(3, 2), dense_first_layer=False).masked == ["0.weight"]
+    ):
+        select(mlp(2, 3, 4), include=["*"], exclude=["Linear"])
 
 
-def test_excluding_everything_raises_with_the_patterns() -> None:
-    with pytest.raises(ValueError, match=re.escape("include=['*'], exclude=['Linear']")):
-        select(mlp(2, 3, 4), include=["*"], exclude=["Linear"], dense_first_layer=False)
+def test_empty_include_names_include() -> None:
+    with pytest.raises(ValueError, match=re.escape("TopKASTCallback(include=[]): selects no parameter to mask.")):
+        select(mlp(2, 3, 4), include=[])
 
 
-def test_model_with_only_custom_parameters_has_nothing_by_default() -> None:
-    model = nn.Module()
-    model.register_parameter("table", nn.Parameter(torch.zeros(3, 3)))
-    with pytest.raises(ValueError, match=r"Candidates: 'table'; module types: 'Module'"):
-        select(model, dense_first_layer=False)
-    assert select(model, include=["table"], dense_first_layer=False).masked == ["table"]
+def test_all_frozen_says_so() -> None:
+    model = mlp(2, 3, 4).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"every candidate is frozen \(requires_grad=False\)\. Name the ones"):
+        select(model)
