@@ -50,7 +50,7 @@ METHODS: dict[str, dict[str, Any]] = {
 MODELS = ("lenet", "cnn", "lm")
 VOCAB = 80  # the size of the King James Bible's character set
 # LeNet's step is ~50x shorter: more steps keep its timed window (and its share of refreshes) comparable
-STEPS_SCALE = {"lenet": 5}
+STEPS_SCALE = {"lenet": 20}
 
 
 def make_model(model: str, total_steps: int, fused: bool = True) -> L.LightningModule:

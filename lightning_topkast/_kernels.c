@@ -5,6 +5,7 @@
  * holds the same passes written with torch operations, and the tests hold the two to each other bit for bit.
  * _kernels_impl.h has the passes, written once for an element type T; this file instantiates them twice.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

@@ -323,3 +323,44 @@ void NAME(keep)(int64_t n, T *restrict x, const uint8_t *restrict code, int32_t 
     for (int64_t i = lo; i < hi; i++) x[i] = ((code[i] & bits) == bits) ? x[i] : (T)0;
   }
 }
+
+/* ---- refresh: the common case of a single tensor, start to end -------------------------------------------------- */
+
+/* A refresh of one tensor after `finish` found its sets moved: thresholds (ta, sa, tb, sb, in and out), the ranks k
+ * of A and B, the entries now at or above the old thresholds (at), and the score units per entry near each
+ * threshold measured at the last refresh (spacing, in and out). A threshold whose count is still k stays; for the
+ * other, a window around the score where the count should now be k (selection.search_threshold's first guess) is
+ * picked, both in one pass; then apply (out: left A, changed B, size of A). Returns 1 when done, 0 when there is no
+ * spacing yet or a window missed: the caller searches (nothing was written). -1: out of memory. */
+int32_t NAME(refresh)(int64_t n, const T *restrict theta, uint8_t *restrict code, T *restrict param,
+                      int64_t *restrict thresholds, const int64_t *restrict ks, const int64_t *restrict at,
+                      double *restrict spacing, int64_t top, int64_t cap, T *restrict s0, T *restrict s1,
+                      T *restrict s2, int32_t states, int64_t *restrict out) {
+  int64_t windows[4], found[8];
+  int need[2];
+  for (int b = 0; b < 2; b++) {
+    int64_t moved = at[b] - ks[b];
+    need[b] = moved != 0;
+    windows[2 * b] = windows[2 * b + 1] = top + 1; /* empty: nothing to pick */
+    if (!need[b]) continue;
+    if (!(spacing[b] > 0)) return 0;
+    double distance = moved < 0 ? (double)-moved : (double)moved;
+    double margin = 0.3 * distance + 4.0 * sqrt(distance) + 16.0, t = (double)thresholds[2 * b];
+    double lo = floor(t + ((double)moved - margin) * spacing[b]), hi = ceil(t + ((double)moved + margin) * spacing[b]) + 1;
+    windows[2 * b] = lo < -1 ? -1 : (int64_t)lo;
+    windows[2 * b + 1] = hi > (double)(top + 1) ? top + 1 : (int64_t)hi;
+  }
+  T *const thetas[1] = {(T *)theta};
+  if (NAME(pick)(1, &n, thetas, windows, ks, cap, found) != 0) return -1;
+  for (int b = 0; b < 2; b++)
+    if (need[b] && found[4 * b + 3] < 0) return 0;
+  for (int b = 0; b < 2; b++) {
+    if (!need[b]) continue;
+    thresholds[2 * b] = found[4 * b + 2];
+    thresholds[2 * b + 1] = found[4 * b + 3];
+    spacing[b] = (double)(windows[2 * b + 1] - windows[2 * b]) / (double)found[4 * b + 1];
+  }
+  int64_t sa = thresholds[1] < n ? thresholds[1] : n, sb = thresholds[3] < n ? thresholds[3] : n;
+  NAME(apply)(n, theta, code, param, thresholds[0], sa, thresholds[2], sb, s0, s1, s2, states, out);
+  return 1;
+}

@@ -83,6 +83,16 @@ class Pick(NamedTuple):
 PICK_CAP = 1 << 16  # entries a window may hold for a pick
 
 
+class Refreshed(NamedTuple):
+    """What :meth:`Kernels.refresh` did: the new thresholds and spacings, and :meth:`Kernels.apply`'s counts."""
+
+    forward: Threshold
+    backward: Threshold
+    spacing: tuple[float, float]
+    left: int  # members that left A
+    size: int  # the size of the new A
+
+
 class Kernels(Protocol):
     """The passes over one flat masked tensor. ``offset`` is its first entry's index in a global pool."""
 
@@ -117,6 +127,23 @@ class Kernels(Protocol):
 
         ``thetas`` are a unit's tensors in order (several for a global pool); ``k`` counts from the top of all of
         them, and the threshold's split is a global index.
+        """
+
+    def refresh(
+        self,
+        theta: Tensor,
+        code: Tensor,
+        param: Tensor,
+        states: Sequence[Tensor],
+        ks: tuple[int, int],
+        previous: tuple[Threshold, Threshold],
+        at_previous: tuple[int, int],
+        spacing: tuple[float | None, float | None],
+    ) -> Refreshed | None:
+        """A single tensor's refresh in one call when the spacing predicts both windows, or None (then search).
+
+        The fast path of :func:`lightning_topkast.selection.search_threshold` followed by :meth:`apply`: a
+        threshold whose count is still k stays, the other is picked in one window around its predicted score.
         """
 
     def apply(
@@ -274,6 +301,10 @@ class TorchKernels:
             found.append(Pick(above, count, threshold))
         return found
 
+    def refresh(self, *args: object) -> None:
+        """See :meth:`Kernels.refresh`: torch operations take the searching path."""
+        return
+
     def apply(
         self,
         theta: Tensor,
@@ -346,6 +377,12 @@ class CKernels:
         self._pick = _function(
             library, f"topkast_pick_{suffix}", [_c_int32, _ptr, _ptr, _ptr, _ptr, _c_int64, _ptr], ctypes.c_int32
         )
+        self._refresh = _function(
+            library,
+            f"topkast_refresh_{suffix}",
+            [_c_int64, *[_ptr] * 7, _c_int64, _c_int64, *[_ptr] * 3, _c_int32, _ptr],
+            ctypes.c_int32,
+        )
         self._out = (ctypes.c_int64 * RUNGS)()  # counts come back here: a ctypes array reads back cheaper than a tensor
 
     def prepare(self, theta: Tensor, code: Tensor, param: Tensor, grad: Tensor, lam_a: float, lam_e: float) -> None:
@@ -395,6 +432,37 @@ class CKernels:
             Pick(out[4 * w], out[4 * w + 1], Threshold(out[4 * w + 2], out[4 * w + 3]) if out[4 * w + 3] >= 0 else None)
             for w in range(len(windows))
         ]
+
+    def refresh(
+        self,
+        theta: Tensor,
+        code: Tensor,
+        param: Tensor,
+        states: Sequence[Tensor],
+        ks: tuple[int, int],
+        previous: tuple[Threshold, Threshold],
+        at_previous: tuple[int, int],
+        spacing: tuple[float | None, float | None],
+    ) -> Refreshed | None:
+        """See :meth:`Kernels.refresh`."""
+        fused = [s for s in states if _fits(s, theta)][:3]
+        if len(fused) < len(states):
+            return None  # states the loop cannot zero: the searching path zeroes them
+        thresholds = (ctypes.c_int64 * 4)(*previous[0], *previous[1])
+        gaps = (ctypes.c_double * 2)(*(g or 0.0 for g in spacing))
+        pointers = [_p(s) for s in fused] + [None] * (3 - len(fused))
+        top = infinity_score(theta.dtype)
+        done = self._refresh(
+            theta.numel(), _p(theta), _p(code), _p(param), thresholds, (ctypes.c_int64 * 2)(*ks),
+            (ctypes.c_int64 * 2)(*at_previous), gaps, top, PICK_CAP, *pointers, len(fused), self._out,
+        )  # fmt: skip
+        if done < 0:
+            raise MemoryError("Top-KAST's refresh kernel could not allocate its buffers")
+        if not done:
+            return None
+        left, _, size = self._out[:3]
+        forward, backward = Threshold(thresholds[0], thresholds[1]), Threshold(thresholds[2], thresholds[3])
+        return Refreshed(forward, backward, (gaps[0], gaps[1]), left, size)
 
     def apply(
         self,
@@ -512,7 +580,7 @@ def _build() -> Path:
         built = Path(work) / "kernels.so"
         error = ""
         for flags in (openmp, []):  # without OpenMP (Apple clang, say) the loops still vectorise, on one thread
-            command = [*base, *flags, str(Path(work) / _SOURCES[0]), "-o", str(built)]
+            command = [*base, *flags, str(Path(work) / _SOURCES[0]), "-o", str(built), "-lm"]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode == 0:
                 os.replace(built, target)  # atomic: DDP ranks building at once all end with a whole file

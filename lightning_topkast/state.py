@@ -399,6 +399,22 @@ class TopKAST:
         applied.add(unit)
         if self.sync_free or counts is None:
             return self._select(unit, sizes)
+        if len(unit.tensors) == 1 and unit.tensors[0].name not in self._pending:
+            tensor = unit.tensors[0]
+            done = tensor.kernels_for(tensor.param).refresh(
+                tensor.theta,
+                tensor.code,
+                tensor.param,
+                self._states(tensor),
+                (unit.forward_k, unit.backward_k),
+                (unit.forward, unit.backward),
+                (counts.forward_all, counts.backward_all),
+                unit.spacing,
+            )
+            if done is not None:
+                unit.forward, unit.backward, unit.spacing = done.forward, done.backward, done.spacing
+                tensor.forward_size = done.size
+                return {tensor.name: (done.left, sizes[tensor.name])}
         searches = [
             selection.search_threshold(k, previous, at_previous, unit.size, unit.mantissa, unit.top, spacing)
             for k, previous, at_previous, spacing in (
