@@ -1,18 +1,24 @@
-"""Accuracy of Top-KAST against dense training and sparse peers on real data, at an equal step budget.
+"""Accuracy of Top-KAST against dense training and sparse peers on real data, at budgets where training converges.
 
-    python benchmarks/accuracy.py --task all --seeds 0 1 2            # the full benchmark (20 min, 2 cores)
-    python benchmarks/accuracy.py --task all --seeds 0 --quick         # smoke run, a few steps per configuration
-    python benchmarks/accuracy.py --task all --tune                    # learning-rate choice, dense, validation split
+    python benchmarks/accuracy.py --tune                   # each method's learning rate, seed 0, validation split
+    python benchmarks/accuracy.py --seeds 0 1 2            # the grid, every method at its tuned learning rate
+    python benchmarks/accuracy.py --quick --seeds 0        # smoke run: a few steps per configuration
+    python benchmarks/accuracy.py --report                 # tables and plots again from the saved JSON
 
-Tasks: ``images`` (Fashion-MNIST, a small CNN, test accuracy) and ``text`` (the King James Bible, a 2-layer
-character Transformer, test bits per character). Methods (benchmarks/common.py): dense, Top-KAST at forward/backward
-sparsity 80/50, 90/80 and 95/90, static random sparsity, Lightning's ModelPruning (gradual magnitude pruning) and
-rigl-torch's RigL, each at the same forward sparsity of the same tensors. Ablations at 90%: B = A, no exploration
-penalty, update_interval 10 and 100 (images: all four; text: B = A and update_interval 100).
+Tasks: ``images`` (Fashion-MNIST, a small CNN, 10 epochs = 4,300 steps at batch 128, test accuracy) and ``text``
+(the King James Bible, a 2-layer character Transformer, 3,000 steps of 16 x 64 characters, test bits per
+character). Methods (benchmarks/common.py), each masking the same tensors at the same forward sparsity: dense;
+Top-KAST at forward/backward sparsity 80/50, 90/80 and 95/90; static random sparsity at 90%; Lightning's
+ModelPruning (Zhu & Gupta's cubic schedule, a pruning step every 100 steps, at the target from 75% of the run) at
+80 and 90%; rigl-torch's RigL at 80 and 90% with a mask update every ``steps * 0.75 / 234`` steps until 75% of the
+run, the 234 updates of RigL's ImageNet schedule (updates every 100 of ~31,000 steps) scaled to our budgets.
 
-Every run uses the same Trainer (bf16-mixed, fixed number of optimizer steps, no logger, no checkpoints); the
-learning rate was chosen with ``--tune`` on the validation split (dense only) and is used for every method. Prints a
-markdown table per task and writes ``accuracy_<task>.json`` and ``accuracy_<task>.png`` under ``--out``.
+``--tune`` trains every method (dense, and each sparse method at 90%) at each learning rate of the task's grid on
+the validation split, seed 0, and keeps each method's best for all its sparsities (``tune.json``). Every grid run
+records the validation metric along the way (the learning curve), its training FLOPs against dense (theoretical:
+the callback's own fraction for Top-KAST, the density integrated over the schedule for ModelPruning, RigL's dense
+gradient at each update), its training wall time and, for Top-KAST, turnover and exploration over training. The
+kernels are dense, so wall time does not follow FLOPs. JSON per task (``accuracy_<task>.json``) with provenance.
 """
 
 from __future__ import annotations
@@ -20,14 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import math
 import statistics
 import sys
 import time
 import warnings
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import cache
 from multiprocessing import get_context
 from pathlib import Path
@@ -37,93 +43,109 @@ import common
 import data
 import lightning as L
 import torch
+from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
+from lightning_topkast import reporting
+
 ROOT = Path(__file__).resolve().parents[1]
-SPARSITIES = (0.8, 0.9, 0.95)
-ABLATION_SPARSITY = 0.9
+RESULTS = ROOT / "benchmarks" / "results"
 LABELS = {"dense": "dense", "topkast": "Top-KAST", "static": "static", "pruning": "ModelPruning", "rigl": "RigL"}
+GRID = {  # method: forward sparsities of the main grid
+    "dense": (0.0,),
+    "topkast": (0.8, 0.9, 0.95),
+    "static": (0.9,),
+    "pruning": (0.8, 0.9),
+    "rigl": (0.8, 0.9),
+}
+TUNE_SPARSITY = 0.9  # each sparse method's learning rate is chosen here and used at all its sparsities
+RIGL_UPDATES = 234  # RigL's ImageNet schedule: a mask update every 100 of ~31,000 steps, until 75% of the run
+PRUNE_EVERY = 100  # steps between ModelPruning's pruning steps (its "epochs" here)
+DYNAMICS_EVERY = 50  # steps between turnover/exploration records of a Top-KAST run
 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """Model size and step budget of one task; ``lr`` is the dense model's best on the validation split."""
+    """Model size, step budget and learning-rate grid of one task."""
 
     steps: int
-    epoch_steps: int  # ModelPruning prunes at epoch ends: short epochs give it a gradual schedule
     batch_size: int
-    lr: float
     tune_lrs: tuple[float, ...]
-    ablations: tuple[str, ...]
     model: dict[str, Any]
+    eval_every: int  # steps between validation points of the learning curve
     gradient_clip_val: float | None = None
+    curve_windows: int = 0  # text: validation windows the learning curve reads (0: all)
 
 
 TASKS = {
-    # 600 steps at batch 128 is 1.4 passes over the 55,000 training images
+    # 55,000 training images at batch 128: 430 steps an epoch, 10 epochs
     "images": TaskConfig(
-        steps=600,
-        epoch_steps=30,
+        steps=4300,
         batch_size=128,
-        lr=0.1,
         tune_lrs=(0.03, 0.1, 0.3),
-        ablations=("b_equals_a", "no_penalty", "interval_10", "interval_100"),
         model={"channels": (16, 32), "hidden": 256},
+        eval_every=430,
     ),
-    # 400 steps of 16 x 64 characters read a tenth of the 3.7M training characters; of the ablations only B = A and
-    # update_interval 100 run here, to keep the whole benchmark within 30 minutes on 2 cores
+    # 3,000 steps of 16 x 64 characters: 0.8 passes over the 3.7M training characters
     "text": TaskConfig(
-        steps=400,
-        epoch_steps=20,
+        steps=3000,
         batch_size=16,
-        lr=3e-3,
         tune_lrs=(1e-3, 3e-3, 1e-2),
-        ablations=("b_equals_a", "interval_100"),
         model={"d_model": 128, "n_layers": 2, "n_heads": 4, "context": 64},
+        eval_every=300,
         gradient_clip_val=1.0,
+        curve_windows=1024,
     ),
 }
-QUICK = {"steps": 20, "epoch_steps": 5}
+QUICK_STEPS = 24
 
 
 @dataclass(frozen=True)
 class Run:
-    """One training run: a method at a forward sparsity and seed, with Top-KAST's settings where they apply."""
+    """One training run: a method at a forward sparsity and seed, with its settings."""
 
     task: str
     method: str
     sparsity: float
     seed: int
-    ablation: str = ""
+    lr: float
+    split: str = "test"
     backward_sparsity: float | None = None
     update_interval: int = 1
-    early_refresh: float | None = None
+    early_refresh: float | None = 0.01
     exploration_penalty: float = 1e-4
-    lr: float | None = None  # None: the task's chosen learning rate
-    split: str = "test"
+    model: tuple[tuple[str, Any], ...] = ()  # overrides of the task's model (the scaling family)
+    tag: str = ""
 
 
-def ablation_run(task: str, name: str, seed: int) -> Run:
-    """Top-KAST at 90% forward sparsity with one setting changed from the main run (90/80, interval 1, λ 1e-4)."""
-    run = Run(task, "topkast", ABLATION_SPARSITY, seed, ablation=name)
-    changes = {
-        "b_equals_a": {"backward_sparsity": ABLATION_SPARSITY},
-        "no_penalty": {"exploration_penalty": 0.0},
-        "interval_10": {"update_interval": 10},
-        "interval_100": {"update_interval": 100},
-    }
-    return replace(run, **changes[name])
+def steps_of(run: Run, quick: bool) -> int:
+    return QUICK_STEPS if quick else TASKS[run.task].steps
 
 
-def plan(tasks: list[str], seeds: list[int]) -> list[Run]:
-    """Every run of the benchmark: dense, each sparse method at each sparsity, and the ablations, for each seed."""
-    runs = []
-    for task in tasks:
-        for seed in seeds:
-            runs.append(Run(task, "dense", 0.0, seed))
-            runs += [Run(task, m, s, seed) for m in common.METHODS[1:] for s in SPARSITIES]
-            runs += [ablation_run(task, name, seed) for name in TASKS[task].ablations]
-    return runs
+def rigl_delta(steps: int) -> int:
+    """RigL's steps between mask updates for a run of ``steps``: :data:`RIGL_UPDATES` updates until 75% of it."""
+    return max(1, round(common.SCHEDULE_END * steps / RIGL_UPDATES))
+
+
+def plan_grid(tasks: list[str], seeds: list[int], lrs: dict[str, dict[str, float]]) -> list[Run]:
+    """The main grid: every method at each of its sparsities and seeds, at its tuned learning rate."""
+    return [
+        Run(task, method, sparsity, seed, lrs[task][method])
+        for task in tasks
+        for seed in seeds
+        for method, sparsities in GRID.items()
+        for sparsity in sparsities
+    ]
+
+
+def plan_tune(tasks: list[str]) -> list[Run]:
+    """Dense, and each sparse method at :data:`TUNE_SPARSITY`, at every learning rate of the grid; validation."""
+    return [
+        Run(task, method, 0.0 if method == "dense" else TUNE_SPARSITY, 0, lr, split="val")
+        for task in tasks
+        for method in GRID
+        for lr in TASKS[task].tune_lrs
+    ]
 
 
 # --- one run, in a worker process ----------------------------------------------------------------------------------
@@ -140,69 +162,204 @@ def _train_loader(dataset: TensorDataset, batch_size: int) -> DataLoader:
     return DataLoader(dataset, sampler=sampler, batch_size=None)
 
 
-def _module_and_data(run: Run, config: TaskConfig, splits: Any, steps: int) -> tuple[Any, TensorDataset, Any]:
-    lr = run.lr if run.lr is not None else config.lr
+def make_module(run: Run, splits: Any, steps: int) -> L.LightningModule:
+    model = {**TASKS[run.task].model, **dict(run.model)}
     if run.task == "images":
-        module = common.ImageClassifier(total_steps=steps, lr=lr, **config.model)
-        return module, TensorDataset(*splits.train), getattr(splits, run.split)
-    module = common.CharLM(len(splits.vocab), total_steps=steps, lr=lr, **config.model)
-    windows = common.sequence_windows(splits.train, config.model["context"])
-    return module, TensorDataset(windows), (getattr(splits, run.split),)
+        return common.ImageClassifier(total_steps=steps, lr=run.lr, **model)
+    return common.CharLM(len(splits.vocab), total_steps=steps, lr=run.lr, **model)
+
+
+def _train_set(run: Run, splits: Any, module: L.LightningModule) -> TensorDataset:
+    if run.task == "images":
+        return TensorDataset(*splits.train)
+    return TensorDataset(common.sequence_windows(splits.train, module.hparams.context))
+
+
+def _evaluation(run: Run, splits: Any, split: str, windows: int = 0) -> tuple[torch.Tensor, ...]:
+    if run.task == "images":
+        return getattr(splits, split)
+    ids = getattr(splits, split)
+    if windows:  # the first `windows` evaluation windows: enough for a learning curve
+        ids = ids[: windows * TASKS[run.task].model["context"] + 1]
+    return (ids,)
+
+
+class Curve(L.Callback):
+    """The validation metric every ``every`` optimizer steps (and the training seconds up to each point)."""
+
+    def __init__(self, every: int, evaluation: tuple[torch.Tensor, ...]) -> None:
+        self.every, self.evaluation = every, evaluation
+        self.points: list[tuple[int, float]] = []
+        self.eval_seconds = 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 or step == trainer.max_steps:
+            start = time.perf_counter()
+            self.points.append((step, pl_module.evaluate(*self.evaluation)))
+            pl_module.train()
+            self.eval_seconds += time.perf_counter() - start
+
+
+class Dynamics(L.Callback):
+    """Turnover (members leaving A over A's size, per window) and exploration of a Top-KAST run over training."""
+
+    def __init__(self, topkast: common.TopKASTCallback, every: int) -> None:
+        self.topkast, self.every = topkast, every
+        self.points: list[dict[str, float]] = []
+        self._left = self._size = self._refreshes = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self.topkast.engine is not None
+        self.topkast.engine.refresh_listeners.append(self._moved)
+
+    def _moved(self, moved: dict[str, tuple[int, int]]) -> None:
+        self._refreshes += 1
+        for left, size in moved.values():
+            self._left, self._size = self._left + int(left), self._size + int(size)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step % self.every:
+            return
+        engine = self.topkast.engine
+        assert engine is not None
+        tensors = engine.tensors.values()
+        exploration = sum(int(t.ever_active.sum()) for t in tensors) / sum(t.numel for t in tensors)
+        turnover = self._left / self._size if self._size else 0.0
+        self.points.append(
+            {
+                "step": trainer.global_step,
+                "turnover": turnover,
+                "exploration": exploration,
+                "refreshes": self._refreshes,
+            }
+        )
+        self._left = self._size = self._refreshes = 0
+
+
+def flops_per_step(module: L.LightningModule, batch: Any) -> tuple[dict[str, float], float]:
+    """Forward FLOPs of one batch: per masked weight (the ones every method masks) and the rest."""
+    _, names = common.masked_weights(module)
+    params = dict(module.named_parameters())
+    counter = reporting.FlopCounter({name: params[name] for name in names})
+    module.eval()
+    counter.start()
+    with torch.no_grad():
+        module(batch)
+    counter.finish()
+    module.train()
+    return counter.masked, counter.dense
+
+
+def training_flops(run: Run, steps: int, masked: dict[str, float], dense: float, topkast: Any) -> float:
+    """Training FLOPs of the run as a fraction of the dense run's, from the forward FLOPs of one batch.
+
+    A dense step is three forwards (forward, input gradient, weight gradient). Top-KAST: the callback's own
+    fraction, (2D + (D + M)) / 3 on each masked tensor. Static: D on all three. ModelPruning: the density of each
+    step of its schedule (dense until the first pruning step). RigL: D on all three, but on each mask-update step
+    the weight gradient is dense (RigL's own accounting).
+    """
+    if run.method == "dense":
+        return 1.0
+    if run.method == "topkast":
+        return float(topkast.metrics()[f"{reporting.PREFIX}/train_flops_fraction"])
+    d = 1.0 - run.sparsity
+
+    def fraction(forward: float, weight_gradient: float) -> float:
+        return reporting.flops_fractions(masked, dense, dict.fromkeys(masked, (forward, weight_gradient)))[0]
+
+    if run.method == "static":
+        return fraction(d, d)
+    if run.method == "pruning":
+        pruned_until = common.SCHEDULE_END * steps
+        total = 0.0
+        for step in range(steps):
+            done = min(step // PRUNE_EVERY * PRUNE_EVERY / pruned_until, 1.0)  # pruning happens at epoch ends
+            density = 1.0 - common.cubic_sparsity(done, run.sparsity)
+            total += fraction(density, density)
+        return total / steps
+    if run.method == "rigl":
+        delta, end = rigl_delta(steps), int(common.SCHEDULE_END * steps)
+        updates = len(range(delta, end + 1, delta))
+        return ((steps - updates) * fraction(d, d) + updates * fraction(d, 1.0)) / steps
+    raise ValueError(f"no FLOPs accounting for method {run.method!r}")
+
+
+def nonzero_parameters(module: nn.Module) -> int:
+    """Non-zero entries of every parameter as the model holds them after training (the sparse model's size)."""
+    return sum(int(torch.count_nonzero(p)) for p in module.parameters())
 
 
 def train_and_evaluate(run: Run, data_dir: str | None, quick: bool, threads: int) -> dict[str, Any]:
-    """Train one run and return its metric on ``run.split``, the density of the masked tensors and its wall time."""
+    """Train one run; its metric on ``run.split``, learning curve, FLOPs, wall time and Top-KAST dynamics."""
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*updates masked CPU tensors without fused=True.*")
     # RigL re-wraps optimizer.step after the LR scheduler is built (see common.RigL); the scheduler still steps after it
     warnings.filterwarnings("ignore", ".*optimizer.step\\(\\)` has been overridden after learning rate.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners
-    config = TASKS[run.task]
-    steps, epoch_steps = (QUICK["steps"], QUICK["epoch_steps"]) if quick else (config.steps, config.epoch_steps)
+    config, steps = TASKS[run.task], steps_of(run, quick)
     splits = _load(run.task, data_dir)
-    start = time.perf_counter()
     L.seed_everything(run.seed, verbose=False)
-    module, train_set, evaluation = _module_and_data(run, config, splits, steps)
+    module = make_module(run, splits, steps)
+    train_set = _train_set(run, splits, module)
     callbacks = common.method_callbacks(
         run.method,
         run.sparsity,
         total_steps=steps,
-        prune_epochs=round(common.SCHEDULE_END * steps / epoch_steps),
+        prune_epochs=max(1, round(common.SCHEDULE_END * steps / PRUNE_EVERY)) if not quick else 3,
         backward_sparsity=run.backward_sparsity,
         update_interval=run.update_interval,
         early_refresh=run.early_refresh,
         exploration_penalty=run.exploration_penalty,
+        rigl_delta=rigl_delta(steps),
     )
+    topkast = callbacks[0] if run.method == "topkast" else None
+    curve = Curve(
+        max(1, steps // 10) if quick else config.eval_every, _evaluation(run, splits, "val", config.curve_windows)
+    )
+    extra: list[L.Callback] = [curve] + ([Dynamics(topkast, DYNAMICS_EVERY)] if topkast is not None else [])
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
         precision="bf16-mixed",
         max_steps=steps,
         max_epochs=-1,
-        limit_train_batches=epoch_steps,
+        limit_train_batches=PRUNE_EVERY if not quick else 8,  # ModelPruning prunes at the end of these "epochs"
         limit_val_batches=0,
         num_sanity_val_steps=0,
         gradient_clip_val=config.gradient_clip_val,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *extra],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
+    start = time.perf_counter()
     trainer.fit(module, _train_loader(train_set, config.batch_size))
+    train_seconds = time.perf_counter() - start - curve.eval_seconds
+    evaluation = _evaluation(run, splits, run.split)
     if quick:  # a smoke run checks the plumbing, not the number
-        evaluation = tuple(t[: len(t) // 10] for t in evaluation)
+        evaluation = tuple(t[: len(t) // 20] for t in evaluation)
     metric = module.evaluate(*evaluation)
-    engine = getattr(callbacks[0], "engine", None) if callbacks else None
+    batch = next(iter(_train_loader(train_set, config.batch_size)))
+    masked, dense = flops_per_step(module, batch[0] if run.task == "images" else batch[0][:, :-1])
+    engine = getattr(topkast, "engine", None)
     return {
         **asdict(run),
+        "steps": trainer.global_step,
         "metric": metric,
         "density": common.masked_density(module),
-        "steps": trainer.global_step,
-        "seconds": time.perf_counter() - start,
+        "nonzero_parameters": nonzero_parameters(module),
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "train_seconds": train_seconds,
+        "forward_flops_per_batch": sum(masked.values()) + dense,
+        "flops_fraction": training_flops(run, trainer.global_step, masked, dense, topkast),
+        "curve": curve.points,
+        "dynamics": extra[1].points if topkast is not None else [],
         "refreshes": None if engine is None else engine.refreshes,
         "early_refreshes": None if engine is None else engine.early_refreshes,
     }
@@ -212,84 +369,173 @@ def train_and_evaluate(run: Run, data_dir: str | None, quick: bool, threads: int
 
 
 def metric_name(task: str) -> str:
-    """What the table reports for ``task``."""
+    """What the tables report for ``task``."""
     return "test accuracy (%)" if task == "images" else "test bits/char"
 
 
-def _scaled(task: str, value: float) -> float:
+def scaled(task: str, value: float) -> float:
+    """The metric as the tables show it: accuracy in percent, bits/char as they are."""
     return 100 * value if task == "images" else value
 
 
-def summarise(results: list[dict[str, Any]]) -> dict[tuple[str, float, str], tuple[float, float, int]]:
-    """Mean, sample std (0 for one seed) and count of the metric per (method, sparsity, ablation)."""
-    groups: dict[tuple[str, float, str], list[float]] = defaultdict(list)
-    for r in results:
-        groups[(r["method"], r["sparsity"], r["ablation"])].append(_scaled(r["task"], r["metric"]))
-    return {key: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for key, v in groups.items()}
+def digits(task: str) -> int:
+    return 2 if task == "images" else 3
 
 
-def _cell(mean: float, std: float, dense: float | None, digits: int) -> str:
-    text = f"{mean:.{digits}f} ± {std:.{digits}f}"
-    return text if dense is None else f"{text} ({mean - dense:+.{digits}f})"
+def groups(results: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """Runs by (method, sparsity), seeds in order."""
+    found: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in sorted(results, key=lambda r: r["seed"]):
+        found[(r["method"], r["sparsity"])].append(r)
+    return found
 
 
-def tables(task: str, results: list[dict[str, Any]]) -> str:
-    """Markdown tables: methods by sparsity (gap to dense in brackets), then the Top-KAST ablations at 90%."""
-    stats, digits = summarise(results), 2 if task == "images" else 3
-    seeds = len({r["seed"] for r in results})
-    dense_mean, dense_std, _ = stats[("dense", 0.0, "")]
-    header = f"{metric_name(task)}, mean ± std over {seeds} seeds (difference to dense)"
-    lines = [f"**{task}**: {header}", "", "| method | " + " | ".join(f"{s:.0%}" for s in SPARSITIES) + " |"]
-    lines.append("|---" * (len(SPARSITIES) + 1) + "|")
-    lines.append("| dense (0%) | " + " | ".join([_cell(dense_mean, dense_std, None, digits)] * len(SPARSITIES)) + " |")
-    for method in common.METHODS[1:]:
-        label = LABELS[method]
-        if method == "topkast":
-            label += " (" + ", ".join(f"{s:.0%}/{common.TOPKAST_BACKWARD[s]:.0%}" for s in SPARSITIES) + ")"
-        cells = [_cell(*stats[(method, s, "")][:2], dense_mean, digits) for s in SPARSITIES]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    ablations = TASKS[task].ablations
-    if ablations:
-        main = stats[("topkast", ABLATION_SPARSITY, "")]
-        lines += [
-            "",
-            f"Top-KAST ablations at {ABLATION_SPARSITY:.0%} forward sparsity (difference to the main run)",
-            "",
-        ]
-        lines += ["| configuration | " + metric_name(task) + " |", "|---|---|"]
-        lines.append(f"| main: B 80%, λ 1e-4, update_interval 1 | {_cell(*main[:2], None, digits)} |")
-        names = {
-            "b_equals_a": "B = A (backward 90%)",
-            "no_penalty": "no exploration penalty (λ 0)",
-            "interval_10": "update_interval 10",
-            "interval_100": "update_interval 100",
-        }
-        for name in ablations:
-            mean, std, _ = stats[("topkast", ABLATION_SPARSITY, name)]
-            lines.append(f"| {names[name]} | {_cell(mean, std, main[0], digits)} |")
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def label(method: str, sparsity: float) -> str:
+    if method == "dense":
+        return "dense"
+    if method == "topkast":
+        return f"Top-KAST {sparsity:.0%}/{common.TOPKAST_BACKWARD[sparsity]:.0%}"
+    return f"{LABELS[method]} {sparsity:.0%}"
+
+
+def grid_table(task: str, results: list[dict[str, Any]]) -> str:
+    """Every configuration: metric (and difference to dense), training FLOPs and wall time against dense."""
+    found, d = groups(results), digits(task)
+    dense_metric = mean_std([scaled(task, r["metric"]) for r in found[("dense", 0.0)]])
+    dense_seconds = statistics.median(r["train_seconds"] for r in found[("dense", 0.0)])
+    seeds = len(found[("dense", 0.0)])
+    lines = [
+        f"| method | {metric_name(task)}, mean ± std over {seeds} seeds (to dense) | training FLOPs / dense "
+        "| wall time / dense (median s) | learning rate |",
+        "|---|---|---|---|---|",
+    ]
+    for method, sparsities in GRID.items():
+        for sparsity in sparsities:
+            runs = found[(method, sparsity)]
+            mean, std = mean_std([scaled(task, r["metric"]) for r in runs])
+            gap = "" if method == "dense" else f" ({mean - dense_metric[0]:+.{d}f})"
+            seconds = statistics.median(r["train_seconds"] for r in runs)
+            flops = statistics.fmean(r["flops_fraction"] for r in runs)
+            lines.append(
+                f"| {label(method, sparsity)} | {mean:.{d}f} ± {std:.{d}f}{gap} | {flops:.3f} | "
+                f"{seconds / dense_seconds:.2f} ({seconds:.0f}) | {runs[0]['lr']:g} |"
+            )
     return "\n".join(lines)
 
 
-def plot(task: str, results: list[dict[str, Any]], path: Path) -> None:
-    """Metric against forward sparsity per method, error bars one std over seeds; dense as a band."""
-    stats = summarise(results)
-    fig, ax = common.new_figure(6.4, 4.2)
-    mean, std, _ = stats[("dense", 0.0, "")]
-    ax.axhline(mean, color="black", lw=1, label="dense")
-    ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
-    for offset, method in enumerate(common.METHODS[1:]):
-        points = [(s, *stats[(method, s, "")][:2]) for s in SPARSITIES]
-        xs = [100 * s + 0.15 * (offset - 1.5) for s, _, _ in points]  # small shifts keep error bars apart
-        ax.errorbar(
-            xs, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=LABELS[method]
-        )
-    ax.set_xlabel("forward sparsity of the masked tensors (%)")
-    ax.set_ylabel(metric_name(task))
-    ax.set_xticks([100 * s for s in SPARSITIES])
-    title = "Fashion-MNIST, small CNN" if task == "images" else "KJV Bible, 2-layer char Transformer"
-    ax.set_title(f"{title}: {TASKS[task].steps} steps, mean ± std over {len({r['seed'] for r in results})} seeds")
+def tune_table(task: str, results: list[dict[str, Any]]) -> str:
+    """Validation metric per method and learning rate; the chosen one in bold."""
+    lrs = TASKS[task].tune_lrs
+    chosen = choose_lrs(results)[task]
+    lines = [
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|---" * (len(lrs) + 1) + "|",
+    ]
+    for method in GRID:
+        cells = []
+        for lr in lrs:
+            (r,) = [r for r in results if r["task"] == task and r["method"] == method and r["lr"] == lr]
+            text = f"{scaled(task, r['metric']):.{digits(task)}f}"
+            cells.append(f"**{text}**" if lr == chosen[method] else text)
+        sparsity = "" if method == "dense" else f" {TUNE_SPARSITY:.0%}"
+        lines.append(f"| {LABELS[method]}{sparsity} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def choose_lrs(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each method's best learning rate on the validation split (accuracy up, bits/char down), per task."""
+    chosen: dict[str, dict[str, float]] = defaultdict(dict)
+    for task in {r["task"] for r in results}:
+        for method in GRID:
+            runs = [r for r in results if r["task"] == task and r["method"] == method]
+            # a diverged run (NaN) is the worst
+            worst = -math.inf if task == "images" else math.inf
+            best = (max if task == "images" else min)(
+                runs, key=lambda r: r["metric"] if math.isfinite(r["metric"]) else worst
+            )
+            chosen[task][method] = best["lr"]
+    return dict(chosen)
+
+
+def plot_grid(task: str, results: list[dict[str, Any]], path: Path) -> None:
+    """Metric against forward sparsity, against training FLOPs and against wall time, per method."""
+    found = groups(results)
+    fig, axes = common.new_figure(13.0, 3.8, columns=3)
+    dense = mean_std([scaled(task, r["metric"]) for r in found[("dense", 0.0)]])
+    dense_seconds = statistics.median(r["train_seconds"] for r in found[("dense", 0.0)])
+    for ax in axes:
+        ax.axhline(dense[0], color="black", lw=1, label="dense")
+        ax.axhspan(dense[0] - dense[1], dense[0] + dense[1], color="black", alpha=0.1)
+    for method in list(GRID)[1:]:
+        points = []
+        for sparsity in GRID[method]:
+            runs = found[(method, sparsity)]
+            mean, std = mean_std([scaled(task, r["metric"]) for r in runs])
+            flops = statistics.fmean(r["flops_fraction"] for r in runs)
+            seconds = statistics.median(r["train_seconds"] for r in runs) / dense_seconds
+            points.append((sparsity, mean, std, flops, seconds))
+        for ax, x in zip(axes, (0, 3, 4), strict=True):
+            ax.errorbar(
+                [100 * p[0] if x == 0 else p[x] for p in points],
+                [p[1] for p in points],
+                yerr=[p[2] for p in points],
+                marker="o",
+                capsize=3,
+                label=LABELS[method],
+            )
+    titles = ("against forward sparsity", "against training FLOPs (theoretical)", "against wall time (measured)")
+    xlabels = ("forward sparsity (%)", "training FLOPs / dense", "training wall time / dense (dense kernels)")
+    for ax, title, xlabel in zip(axes, titles, xlabels, strict=True):
+        ax.set(xlabel=xlabel, ylabel=metric_name(task), title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    name = "Fashion-MNIST CNN" if task == "images" else "KJV char Transformer"
+    fig.suptitle(f"{name}, {TASKS[task].steps} steps, mean ± std over {len(found[('dense', 0.0)])} seeds")
+    common.save_figure(fig, path)
+
+
+def plot_curves(task: str, results: list[dict[str, Any]], path: Path) -> None:
+    """Validation metric over training, seed 0, every configuration (dense in black)."""
+    fig, ax = common.new_figure(6.4, 4.0)
+    for (method, sparsity), runs in groups(results).items():
+        r = runs[0]
+        steps = [p[0] for p in r["curve"]]
+        values = [scaled(task, p[1]) for p in r["curve"]]
+        style = {"color": "black", "lw": 2} if method == "dense" else {"lw": 1}
+        ax.plot(steps, values, marker=".", label=label(method, sparsity), **style)
+    ax.set(xlabel="optimizer step", ylabel=metric_name(task).replace("test", "validation"))
+    ax.set_title("Learning curves, seed 0 (validation split)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6)
+    common.save_figure(fig, path)
+
+
+def plot_dynamics(results: list[dict[str, Any]], path: Path) -> None:
+    """Turnover and exploration of Top-KAST 80/50 and 90/80 over training, seed 0, both tasks."""
+    tasks = sorted({r["task"] for r in results})
+    fig, axes = common.new_figure(5.0 * len(tasks), 3.6 * 2, columns=len(tasks))
+    axes = axes if len(tasks) > 1 else [axes]
+    for ax, task in zip(axes, tasks, strict=True):
+        twin = ax.twinx()
+        for sparsity in (0.8, 0.9):
+            runs = [r for r in results if r["task"] == task and r["method"] == "topkast" and r["sparsity"] == sparsity]
+            if not runs:
+                continue
+            points = min(runs, key=lambda r: r["seed"])["dynamics"]
+            name = label("topkast", sparsity)
+            ax.plot([p["step"] for p in points], [p["turnover"] for p in points], label=f"{name}: turnover")
+            twin.plot(
+                [p["step"] for p in points], [p["exploration"] for p in points], "--", label=f"{name}: exploration"
+            )
+        ax.set(xlabel="optimizer step", ylabel="turnover (A's members leaving, per refresh)", yscale="log")
+        twin.set_ylabel("exploration (ever in A)")
+        ax.set_title("Fashion-MNIST" if task == "images" else "KJV", fontsize=9)
+        lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=6)
     common.save_figure(fig, path)
 
 
@@ -298,38 +544,46 @@ def plot(task: str, results: list[dict[str, Any]], path: Path) -> None:
 
 def execute(runs: list[Run], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run everything on ``args.workers`` processes, slowest first, printing one line per finished run."""
-    order = sorted(runs, key=lambda r: (r.task != "text", r.update_interval != 1, r.method == "dense"))
+    order = sorted(runs, key=lambda r: (r.task != "text", -dict(r.model).get("d_model", 0), r.method == "dense"))
     results = []
     context = get_context("spawn")  # torch's thread pools do not survive fork
     with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
         futures = [pool.submit(train_and_evaluate, r, args.data_dir, args.quick, args.threads) for r in order]
         for i, future in enumerate(as_completed(futures), 1):
             r = future.result()
-            what = f"{r['task']} {r['method']} {r['sparsity']:.0%} {r['ablation'] or ''} seed {r['seed']}"
+            what = f"{r['task']} {label(r['method'], r['sparsity'])} lr {r['lr']:g} {r['tag']} seed {r['seed']}"
             print(
-                f"[{i}/{len(runs)}] {what}: {r['split']} metric {r['metric']:.4f}, density {r['density']:.4f}, "
-                f"{r['seconds']:.0f} s",
+                f"[{i}/{len(runs)}] {what}: {r['split']} {r['metric']:.4f}, FLOPs {r['flops_fraction']:.3f}, "
+                f"{r['train_seconds']:.0f} s",
                 flush=True,
             )
             results.append(r)
     return results
 
 
-def tune(args: argparse.Namespace) -> None:
-    """Dense model, seed 0, each learning rate of the grid, scored on the validation split."""
-    runs = [Run(task, "dense", 0.0, 0, lr=lr, split="val") for task in args.tasks for lr in TASKS[task].tune_lrs]
-    results = execute(runs, args)
-    for task in args.tasks:
-        print(f"\n**{task}**: dense, seed 0, validation {metric_name(task).removeprefix('test ')}\n")
-        print("| learning rate | metric |\n|---|---|")
-        for r in sorted((r for r in results if r["task"] == task), key=lambda r: r["lr"]):
-            print(f"| {r['lr']:g} | {_scaled(task, r['metric']):.3f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tune.json").write_text(json.dumps(results, indent=1))
+def report(tasks: list[str], out: Path, plots: bool = True) -> None:
+    """Tables (and plots) from the saved JSON."""
+    tune = json.loads((out / "tune.json").read_text()) if (out / "tune.json").exists() else None
+    grid_runs: list[dict[str, Any]] = []
+    for task in tasks:
+        path = out / f"accuracy_{task}.json"
+        if tune is not None:
+            print(f"\n**{task}**: validation {metric_name(task).removeprefix('test ')}, seed 0, per learning rate\n")
+            print(tune_table(task, tune["runs"]))
+        if not path.exists():
+            continue
+        saved = json.loads(path.read_text())
+        grid_runs += saved["runs"]
+        print(f"\n**{task}**\n\n" + grid_table(task, saved["runs"]))
+        if plots:
+            plot_grid(task, saved["runs"], out / f"accuracy_{task}.png")
+            plot_curves(task, saved["runs"], out / f"curves_{task}.png")
+    if plots and grid_runs:
+        plot_dynamics(grid_runs, out / "dynamics.png")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse arguments, run the benchmark, print the tables and write JSON and PNG per task."""
+    """Parse arguments, run the tuning or the grid, print the tables and write JSON and PNG per task."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -342,30 +596,42 @@ def main(argv: list[str] | None = None) -> None:
         "and the `bible` program)",
     )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results (quick: a temp dir)")
-    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK['steps']} steps per configuration")
-    parser.add_argument("--tune", action="store_true", help="choose the learning rate: dense, validation split")
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_STEPS} steps per configuration")
+    parser.add_argument("--tune", action="store_true", help="each method's learning rate, on the validation split")
+    parser.add_argument("--report", action="store_true", help="tables and plots from the saved JSON, no training")
     parser.add_argument("--workers", type=int, default=2, help="parallel runs (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = parser.parse_args(argv)
-    args.tasks = ["images", "text"] if args.task == "all" else [args.task]
-    if args.out is None:
-        args.out = Path("/tmp/topkast_accuracy_quick") if args.quick else ROOT / "benchmarks" / "results"
-    if args.tune:
-        tune(args)
+    tasks = ["images", "text"] if args.task == "all" else [args.task]
+    out = args.out or (Path("/tmp/topkast_accuracy_quick") if args.quick else RESULTS)
+    if args.report:
+        report(tasks, out)
         return
+    started = common.provenance()  # of the code that runs, not of whatever is checked out at the end
     start = time.perf_counter()
-    results = execute(plan(args.tasks, args.seeds), args)
+    if args.tune:
+        results = execute(plan_tune(tasks), args)
+        lrs = choose_lrs(results)
+        common.write_json(
+            out / "tune.json", {"wall_seconds": time.perf_counter() - start, "chosen": lrs, "runs": results}, started
+        )
+        for task in tasks:
+            print(f"\n**{task}**\n\n" + tune_table(task, results))
+        return
+    tuned = out / "tune.json"
+    if tuned.exists():
+        lrs = json.loads(tuned.read_text())["chosen"]
+    else:
+        print(f"no {tuned}: every method at the middle learning rate of its grid; run --tune first", file=sys.stderr)
+        lrs = {t: dict.fromkeys(GRID, TASKS[t].tune_lrs[1]) for t in tasks}
+    results = execute(plan_grid(tasks, args.seeds, lrs), args)
     wall = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    for task in args.tasks:
-        mine = sorted((r for r in results if r["task"] == task), key=lambda r: (r["method"], r["sparsity"], r["seed"]))
-        print("\n" + tables(task, mine) + "\n")
-        record = {"command": command, "wall_seconds": wall, "config": asdict(TASKS[task]), "runs": mine}
-        (args.out / f"accuracy_{task}.json").write_text(json.dumps(record, indent=1))
-        plot(task, mine, args.out / f"accuracy_{task}.png")
-    print(f"wall time {wall / 60:.1f} min on {args.workers} workers x {args.threads} threads ({os.cpu_count()} CPUs)")
-    print(f"wrote {', '.join(str(args.out / f'accuracy_{t}.{e}') for t in args.tasks for e in ('json', 'png'))}")
+    for task in tasks:
+        mine = [r for r in results if r["task"] == task]
+        record = {"wall_seconds": wall, "config": asdict(TASKS[task]), "quick": args.quick, "runs": mine}
+        common.write_json(out / f"accuracy_{task}.json", record, started)
+    report(tasks, out)
+    print(f"wall time {wall / 60:.1f} min on {args.workers} workers x {args.threads} threads")
 
 
 if __name__ == "__main__":

@@ -432,6 +432,7 @@ def method_callbacks(
     update_interval: int = 1,
     early_refresh: float | None = None,
     exploration_penalty: float = 1e-4,
+    rigl_delta: int = 100,
 ) -> list[Callback]:
     """The callbacks that make a ``Trainer`` train with method ``name`` at forward ``sparsity``.
 
@@ -445,6 +446,7 @@ def method_callbacks(
         update_interval: Top-KAST's most optimizer steps between refreshes.
         early_refresh: Top-KAST's early-refresh fraction (None: refresh at the interval only).
         exploration_penalty: Top-KAST's λ.
+        rigl_delta: RigL's steps between mask updates.
     """
     if name == "dense":
         return []
@@ -465,7 +467,7 @@ def method_callbacks(
     if name == "pruning":
         return [GradualPruning(sparsity, prune_epochs)]
     if name == "rigl":
-        return [RigL(sparsity, total_steps)]
+        return [RigL(sparsity, total_steps, delta=rigl_delta)]
     raise ValueError(f"method_callbacks(name={name!r}): unknown method; use one of {', '.join(METHODS)}")
 
 

@@ -3,11 +3,12 @@
     python benchmarks/intervals.py --seeds 0 1 2 --json benchmarks/results/intervals.json \\
         --plot benchmarks/results/intervals.png
 
-Top-KAST 80/50 and 90/80 on both tasks of :mod:`accuracy` (same models, data, step budgets, learning rates and
-seeds), the interval being the most steps between refreshes. With ``early_refresh=0.01`` (the default) a tensor
-also refreshes as soon as the members of B \\ A that have grown past A's last threshold number 1% of |A|;
-without it, only every ``update_interval`` steps. For each configuration: the test metric (mean ± std over seeds,
-and every seed's difference to interval 1 of the same seed), the refreshes the run made and the wall time.
+Top-KAST 80/50 and 90/80 on both tasks of :mod:`accuracy` (same models, data, step budgets and seeds, Top-KAST's
+tuned learning rate from ``results/tune.json``), the interval being the most steps between refreshes. With
+``early_refresh=0.01`` (the default) a tensor also refreshes as soon as the members of B \\ A that have grown past
+A's last threshold number 1% of |A|; without it, only every ``update_interval`` steps. For each configuration: the
+test metric (mean ± std over seeds, and every seed's difference to interval 1 of the same seed), the refreshes the
+run made and the wall time.
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ INTERVALS = (1, 10, 100, 1000)
 EARLY = 0.01
 
 
-def plan(tasks: list[str], seeds: list[int]) -> list[accuracy.Run]:
+def plan(tasks: list[str], seeds: list[int], lrs: dict[str, dict[str, float]]) -> list[accuracy.Run]:
     runs = []
     for task in tasks:
+        lr = lrs[task]["topkast"]
         for sparsity in PAIRS:
             for seed in seeds:
                 for interval in INTERVALS:
                     schedules = [EARLY, None] if interval > 1 else [None]  # at 1 every step refreshes anyway
                     runs += [
-                        accuracy.Run(task, "topkast", sparsity, seed, update_interval=interval, early_refresh=early)
+                        accuracy.Run(task, "topkast", sparsity, seed, lr, update_interval=interval, early_refresh=early)
                         for early in schedules
                     ]
     return runs
@@ -68,7 +70,7 @@ def table(task: str, results: list[dict[str, Any]]) -> str:
             seeds = ", ".join(f"{scale * r['metric'] - base[r['seed']]:+.{digits}f}" for r in group)
             refreshes = statistics.fmean(r["refreshes"] for r in group)
             early = statistics.fmean(r["early_refreshes"] for r in group)
-            minutes = statistics.fmean(r["seconds"] for r in group) / 60
+            minutes = statistics.fmean(r["train_seconds"] for r in group) / 60
             pair = f"{sparsity:.0%}/{common.TOPKAST_BACKWARD[sparsity]:.0%}"
             lines.append(
                 f"| {pair} | {name} | {statistics.fmean(values):.{digits}f} ± {std:.{digits}f} | {seeds} | "
@@ -138,8 +140,14 @@ def main() -> None:
         if args.plot:
             plot(results, tasks, args.plot)
         return
+    tuned = accuracy.RESULTS / "tune.json"
+    if tuned.exists():
+        lrs = json.loads(tuned.read_text())["chosen"]
+    else:
+        print(f"no {tuned}: the middle learning rate of each task's grid", file=sys.stderr)
+        lrs = {t: {"topkast": accuracy.TASKS[t].tune_lrs[1]} for t in tasks}
     start = time.perf_counter()
-    results = accuracy.execute(plan(tasks, args.seeds), args)
+    results = accuracy.execute(plan(tasks, args.seeds, lrs), args)
     wall = time.perf_counter() - start
     for task in tasks:
         print("\n" + table(task, [r for r in results if r["task"] == task]) + "\n")

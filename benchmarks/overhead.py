@@ -161,17 +161,40 @@ def summarise(by_method: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 
 def peak_memory(models: list[str], methods: list[str], warmup: int, steps: int, fused: bool) -> dict[str, Any]:
-    print("| model | method | peak RSS (MiB) | ratio to dense | callback bytes per masked weight |")
-    print("|---|---|---|---|---|")
+    """Peak resident memory (and the callback's bytes per masked weight) of each model and method, one process each."""
     found: dict[str, Any] = {}
     for model in models:
-        found[model] = {}
-        for method in methods:
-            found[model][method] = r = run_in_process(model, method, warmup, steps, fused)
-            per_weight = "" if r["bytes_per_weight"] != r["bytes_per_weight"] else f"{r['bytes_per_weight']:.2f}"
-            ratio = r["peak_mib"] / found[model]["dense"]["peak_mib"]
-            print(f"| {model} | {method} | {r['peak_mib']:.0f} | {ratio:.3f} | {per_weight} |", flush=True)
+        found[model] = {method: run_in_process(model, method, warmup, steps, fused) for method in methods}
     return found
+
+
+def memory_table(found: dict[str, Any]) -> str:
+    """Peak RSS per model and method, its ratio to dense, and the callback's measured bytes per masked weight."""
+    lines = [
+        "| model | method | peak RSS (MiB) | ratio to dense | callback bytes per masked weight |",
+        "|---|---|---|---|---|",
+    ]
+    for model, runs in found.items():
+        for method, r in runs.items():
+            per_weight = "" if r["bytes_per_weight"] != r["bytes_per_weight"] else f"{r['bytes_per_weight']:.2f}"
+            ratio = r["peak_mib"] / runs["dense"]["peak_mib"]
+            lines.append(f"| {model} | {method} | {r['peak_mib']:.0f} | {ratio:.3f} | {per_weight} |")
+    return "\n".join(lines)
+
+
+def time_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Median ms per step, the ratio of medians to dense and the range of the paired ratios, per model and method."""
+    lines = [
+        "| model | method | ms per step (median) | ratio of medians to dense | paired ratios, smallest–largest |",
+        "|---|---|---|---|---|",
+    ]
+    for model, rows in summary.items():
+        for method, r in rows.items():
+            lines.append(
+                f"| {model} | {method} | {r['median_ms']:.2f} | {r['ratio_of_medians']:.3f} "
+                f"| {r['paired_min']:.3f}–{r['paired_max']:.3f} |"
+            )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -198,6 +221,7 @@ def main() -> None:
         args.methods.insert(0, "dense")
     if args.memory:
         found = peak_memory(args.models, args.methods, args.warmup, min(args.steps, 10), fused)
+        print(memory_table(found))
         if args.json:
             common.write_json(
                 args.json, {"kind": "memory", "sparsity": SPARSITY, "fused": fused, "runs": found}, started
@@ -211,14 +235,7 @@ def main() -> None:
     )
     times = timing(args.models, args.methods, args.repeats, args.warmup, args.steps, fused)
     summary = {model: summarise(by_method) for model, by_method in times.items()}
-    print("| model | method | ms per step (median) | ratio of medians to dense | paired ratios, smallest–largest |")
-    print("|---|---|---|---|---|")
-    for model, rows in summary.items():
-        for method, r in rows.items():
-            print(
-                f"| {model} | {method} | {r['median_ms']:.2f} | {r['ratio_of_medians']:.3f} "
-                f"| {r['paired_min']:.3f}–{r['paired_max']:.3f} |"
-            )
+    print(time_table(summary))
     if args.json:
         record = {"kind": "time", "sparsity": SPARSITY, "fused": fused, "steps": args.steps, "warmup": args.warmup}
         common.write_json(args.json, {**record, "seconds": times, "summary": summary}, started)

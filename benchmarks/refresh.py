@@ -118,6 +118,23 @@ def measure(millions: int, repeats: int) -> dict[str, float]:
     return result
 
 
+def table(rows: dict[int, dict[str, float]]) -> str:
+    """One row per tensor size: the post-step work, a full refresh, the selects, movement and bytes per weight."""
+    lines = [
+        "| weights | after a step (ms) | full refresh (ms) | full / after a step | band select | full kthvalue "
+        "| torch.topk | members leaving A per step | bytes per weight |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for millions, r in rows.items():
+        lines.append(
+            f"| {millions}M | {r['after a step']:.2f} | {r['full refresh']:.1f} | "
+            f"{r['full refresh'] / r['after a step']:.1f} | {r['band select']:.1f} | {r['full kthvalue']:.1f} | "
+            f"{r['torch.topk']:.1f} | {r['crossed A per step']:.0f} ({r['crossed A per step'] / r['weights']:.4%}) | "
+            f"{r['bytes per weight']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="tensor sizes, in 2^20 weights")
@@ -128,21 +145,11 @@ def main() -> None:
     started = common.provenance()  # of the code that runs, not of whatever is checked out at the end
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, ms")
-    print(
-        "| weights | after a step | full refresh | full / after a step | band select | full kthvalue | torch.topk "
-        "| members leaving A per step | bytes per weight |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
     rows = {}
     for millions in args.sizes:
-        rows[millions] = r = measure(millions, args.repeats)
-        print(
-            f"| {millions}M | {r['after a step']:.2f} | {r['full refresh']:.1f} | "
-            f"{r['full refresh'] / r['after a step']:.1f} | {r['band select']:.1f} | {r['full kthvalue']:.1f} | "
-            f"{r['torch.topk']:.1f} | {r['crossed A per step']:.0f} ({r['crossed A per step'] / r['weights']:.4%}) | "
-            f"{r['bytes per weight']:.2f} |",
-            flush=True,
-        )
+        rows[millions] = measure(millions, args.repeats)
+        print(f"  {millions}M: {rows[millions]['after a step']:.2f} ms after a step", file=sys.stderr, flush=True)
+    print(table(rows))
     if args.json:
         record = {"forward_density": FORWARD, "backward_density": BACKWARD, "lr": LR, "grad_scale": GRAD_SCALE}
         common.write_json(args.json, {**record, "repeats": args.repeats, "rows": rows}, started)
