@@ -1,0 +1,162 @@
+"""Every measured table of docs/results.md and of README.md's headline, rendered from the benchmarks' JSON.
+
+    python benchmarks/report.py --write    # put the tables into docs/results.md and README.md
+    python benchmarks/report.py --check    # exit 1 when a table there differs from its JSON (tests/test_results.py)
+
+A table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->``, NAME one of :data:`TABLES`; under each, a line
+names the JSON file it comes from with the commit and date the run recorded. So no figure in the docs can drift from
+the raw numbers behind it, and a ratio is always the ratio of the milliseconds beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy
+import intervals
+import overhead
+import refresh
+import scaling
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCUMENTS = (ROOT / "docs" / "results.md", ROOT / "README.md")
+BLOCK = re.compile(r"<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /table -->", re.DOTALL)
+
+
+@cache
+def load(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / name).read_text())
+
+
+def source(*names: str) -> str:
+    """The line under a table: its JSON files, each with the commit and date its run recorded."""
+    parts = []
+    for name in names:
+        p = load(name)["provenance"]
+        dirty = ", uncommitted changes" if p["dirty"] else ""
+        parts.append(f"[`{name}`](../benchmarks/results/{name}) (commit `{p['commit'][:7]}`{dirty}, {p['date'][:10]})")
+    return "Source: " + "; ".join(parts) + "."
+
+
+def runs_of(name: str, task: str | None = None) -> list[dict[str, Any]]:
+    return [r for r in load(name)["runs"] if task is None or r["task"] == task]
+
+
+def headline_accuracy() -> str:
+    """README: every method at 80% and 90% on both tasks, with its training FLOPs against dense."""
+    cells: dict[str, dict[tuple[str, float], str]] = {}
+    for task in ("images", "text"):
+        found, d = accuracy.groups(runs_of(f"accuracy_{task}.json")), accuracy.digits(task)
+        dense = accuracy.mean_std([accuracy.scaled(task, r["metric"]) for r in found[("dense", 0.0)]])[0]
+        cells[task] = {}
+        for key, runs in found.items():
+            mean, std = accuracy.mean_std([accuracy.scaled(task, r["metric"]) for r in runs])
+            gap = "" if key[0] == "dense" else f" ({mean - dense:+.{d}f})"
+            flops = statistics.fmean(r["flops_fraction"] for r in runs)
+            cells[task][key] = f"{mean:.{d}f} ± {std:.{d}f}{gap} | {flops:.2f}"
+    rows = [("dense", 0.0), *((m, s) for m in list(accuracy.GRID)[1:] for s in accuracy.GRID[m] if s in (0.8, 0.9))]
+    lines = [
+        "| method | Fashion-MNIST test accuracy % (to dense) | training FLOPs | KJV test bits/char (to dense) "
+        "| training FLOPs |",
+        "|---|---|---|---|---|",
+    ]
+    for method, sparsity in rows:
+        lines.append(
+            f"| {accuracy.label(method, sparsity)} | {cells['images'][(method, sparsity)]} | "
+            f"{cells['text'][(method, sparsity)]} |"
+        )
+    return "\n".join(lines) + "\n\n" + source("accuracy_images.json", "accuracy_text.json")
+
+
+def headline_overhead() -> str:
+    """README: step time of each method as milliseconds and the ratio of medians to dense, per model."""
+    summary = load("overhead.json")["summary"]
+    methods = [m for m in next(iter(summary.values())) if m != "dense"]
+    lines = [
+        "| model (dense ms per step) | " + " | ".join(methods) + " |",
+        "|---" * (len(methods) + 1) + "|",
+    ]
+    for model, rows in summary.items():
+        cells = [f"{rows[m]['ratio_of_medians']:.2f} ({rows[m]['median_ms']:.2f} ms)" for m in methods]
+        lines.append(f"| {model} ({rows['dense']['median_ms']:.2f}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + source("overhead.json")
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "overhead": lambda: overhead.time_table(load("overhead.json")["summary"]) + "\n\n" + source("overhead.json"),
+    "memory": lambda: overhead.memory_table(load("memory.json")["runs"]) + "\n\n" + source("memory.json"),
+    "refresh": lambda: (
+        refresh.table({int(k): v for k, v in load("refresh.json")["rows"].items()}) + "\n\n" + source("refresh.json")
+    ),
+    "intervals-images": lambda: (
+        intervals.table("images", runs_of("intervals.json", "images")) + "\n\n" + source("intervals.json")
+    ),
+    "intervals-text": lambda: (
+        intervals.table("text", runs_of("intervals.json", "text")) + "\n\n" + source("intervals.json")
+    ),
+    "tune-images": lambda: accuracy.tune_table("images", runs_of("tune.json")) + "\n\n" + source("tune.json"),
+    "tune-text": lambda: accuracy.tune_table("text", runs_of("tune.json")) + "\n\n" + source("tune.json"),
+    "accuracy-images": lambda: (
+        accuracy.grid_table("images", runs_of("accuracy_images.json")) + "\n\n" + source("accuracy_images.json")
+    ),
+    "accuracy-text": lambda: (
+        accuracy.grid_table("text", runs_of("accuracy_text.json")) + "\n\n" + source("accuracy_text.json")
+    ),
+    "scaling": lambda: scaling.table(runs_of("scaling.json")) + "\n\n" + source("scaling.json"),
+    "headline-accuracy": headline_accuracy,
+    "headline-overhead": headline_overhead,
+}
+
+
+def render(text: str, relative_to: Path) -> str:
+    """``text`` with every table block filled in from the JSON (links relative to the document's folder)."""
+
+    def fill(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise KeyError(f"unknown table {name!r} in a <!-- table: --> block; known: {', '.join(TABLES)}")
+        body = TABLES[name]()
+        if relative_to == ROOT:  # README sits at the root: its links drop the ../
+            body = body.replace("](../", "](")
+        return f"<!-- table:{name} -->\n{body}\n<!-- /table -->"
+
+    return BLOCK.sub(fill, text)
+
+
+def check() -> list[str]:
+    """The documents whose tables differ from what the JSON renders (empty: all agree)."""
+    return [
+        str(path.relative_to(ROOT)) for path in DOCUMENTS if render(path.read_text(), path.parent) != path.read_text()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write", action="store_true", help="fill the tables in")
+    action.add_argument("--check", action="store_true", help="exit 1 if a table differs from its JSON")
+    args = parser.parse_args()
+    if args.write:
+        for path in DOCUMENTS:
+            path.write_text(render(path.read_text(), path.parent))
+        print(f"wrote {', '.join(str(p.relative_to(ROOT)) for p in DOCUMENTS)}")
+        return
+    stale = check()
+    if stale:
+        print(f"tables out of date with benchmarks/results/*.json: {', '.join(stale)} (run --write)", file=sys.stderr)
+        sys.exit(1)
+    print("every table matches its JSON")
+
+
+if __name__ == "__main__":
+    main()
