@@ -1,14 +1,16 @@
 """File size of ``save_sparse`` against the dense ``safetensors`` checkpoint of the benchmark models.
 
-    python benchmarks/export_size.py
+    python benchmarks/export_size.py --json benchmarks/results/export_size.json
 
 Each model (the accuracy benchmark's CNN and character Transformer) trains 30 steps with Top-KAST on synthetic
 batches of the real shapes (the sizes depend on the masks' shapes and counts, not on the data), then is exported
-with ``save_sparse(model, path, masks=callback)``; the loaded state_dict is checked equal to the model's.
+with ``save_sparse(model, path, masks=callback)``; the loaded state_dict is checked equal to the model's. The
+callback masks the tensors every benchmark method masks (``common.BenchmarkTopKAST``).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import tempfile
@@ -19,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_topkast import TopKASTCallback, load_sparse, save_sparse
+from lightning_topkast import load_sparse, save_sparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
@@ -39,17 +41,16 @@ def model_and_data(name: str) -> tuple[L.LightningModule, DataLoader]:
     return common.CharLM(80, STEPS), DataLoader(data, batch_size=16)
 
 
-def main() -> None:
+def measure() -> list[dict]:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    print("| model | sparsity (fwd/bwd) | masked share of weights | sparse file (KiB) | dense file (KiB) | ratio |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     for name in ("cnn", "lm"):
         for forward, backward in PAIRS:
             L.seed_everything(0, verbose=False)
             model, loader = model_and_data(name)
-            callback = TopKASTCallback(forward, backward, update_interval=10, verbose=False)
+            callback = common.BenchmarkTopKAST(forward, backward, update_interval=10, verbose=False)
             L.Trainer(
                 max_steps=STEPS,
                 callbacks=[callback],
@@ -65,10 +66,41 @@ def main() -> None:
             assert all(torch.equal(loaded[k], v) for k, v in state.items()), "round trip changed the weights"
             masked = sum(t.numel for t in callback.engine.tensors.values())
             total = sum(v.numel() for v in state.values())
-            print(
-                f"| {name} | {forward:.0%}/{backward:.0%} | {masked / total:.1%} | {export.file_bytes / 1024:.0f} | "
-                f"{export.dense_bytes / 1024:.0f} | {export.size_ratio:.2f} |"
+            rows.append(
+                {
+                    "model": name,
+                    "forward_sparsity": forward,
+                    "backward_sparsity": backward,
+                    "masked_share": masked / total,
+                    "file_bytes": export.file_bytes,
+                    "dense_bytes": export.dense_bytes,
+                }
             )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | sparsity (fwd/bwd) | masked share of weights | sparse file (KiB) | dense file (KiB) | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['forward_sparsity']:.0%}/{r['backward_sparsity']:.0%} | {r['masked_share']:.1%} | "
+            f"{r['file_bytes'] / 1024:.0f} | {r['dense_bytes'] / 1024:.0f} | {r['file_bytes'] / r['dense_bytes']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args()
+    started = common.provenance()  # of the code that runs, not of whatever is checked out at the end
+    rows = measure()
+    print(table(rows))
+    if args.json:
+        common.write_json(args.json, {"steps": STEPS, "rows": rows}, started)
 
 
 if __name__ == "__main__":

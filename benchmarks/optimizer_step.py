@@ -31,7 +31,6 @@ import common
 from overhead import VOCAB
 
 from lightning_topkast import TopKAST
-from lightning_topkast.targets import select
 
 TENSOR = 262_144
 
@@ -39,8 +38,9 @@ TENSOR = 262_144
 def callback_cost(steps: int, warmup: int) -> dict[str, float]:
     """Median milliseconds from after backward() to the end of the step, per configuration."""
     torch.manual_seed(0)
-    base = common.CharLM(VOCAB, 1000, d_model=256, n_layers=4, n_heads=8, context=64).model
-    masked = select(base, dense_first_layer=True).masked
+    module = common.CharLM(VOCAB, 1000, d_model=256, n_layers=4, n_heads=8, context=64)
+    base = module.model
+    masked = [name.removeprefix("model.") for name in common.masked_weights(module)[1]]
     ids = torch.randint(0, VOCAB, (16, 65))
     runs = {}
     for fused in (False, True):
@@ -81,39 +81,58 @@ def adamw_step_ms(implementation: str, zero_fraction: float) -> float:
     return statistics.median(common.time_ms(optimizer.step, 25, warmup=3))
 
 
+def sqrt_ms() -> dict[str, float]:
+    positive = torch.rand(TENSOR) + 0.5
+    half_zero = positive * (torch.rand(TENSOR, generator=torch.Generator().manual_seed(1)) < 0.5)
+    inputs = [("positive", positive), ("half zeros", half_zero), ("all zeros", torch.zeros(TENSOR))]
+    return {name: statistics.median(common.time_ms(x.sqrt, 30)) for name, x in inputs}
+
+
+def tables(record: dict) -> str:
+    """The three tables of this benchmark, from its JSON record."""
+    cost = record["callback_cost"]
+    lines = [
+        f"`before_step` + `optimizer.step` + post-hook, LM with 3.2M masked weights, median of {record['steps']} steps",
+        "",
+        "| configuration | ms | over the same dense step (ms) |",
+        "|---|---|---|",
+    ]
+    for name, ms in cost.items():
+        dense = cost["dense, fused" if name.endswith("fused") else "dense"]
+        lines.append(f"| {name} | {ms:.1f} | {ms - dense:+.1f} |")
+    lines += ["", f"`sqrt` of {TENSOR:,} floats, median of 30, ms", "", "| input | ms |", "|---|---|"]
+    lines += [f"| {name} | {ms:.3f} |" for name, ms in record["sqrt"].items()]
+    lines += [
+        "",
+        f"AdamW step over 12 tensors of {TENSOR:,} weights, median of 25, ms",
+        "",
+        "| implementation | no zero gradients | half the gradients zero |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {none:.2f} | {half:.2f} |" for name, (none, half) in record["adamw"].items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of part 1 here")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
+    started = common.provenance()  # of the code that runs, not of whatever is checked out at the end
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-
-    cost = callback_cost(args.steps, args.warmup)
-    print(f"\n`before_step` + `optimizer.step` + post-hook, LM with 3.2M masked weights, median of {args.steps} steps")
-    print("| configuration | ms | over the same dense step (ms) |")
-    print("|---|---|---|")
-    for name, ms in cost.items():
-        dense = cost["dense, fused" if name.endswith("fused") else "dense"]
-        print(f"| {name} | {ms:.1f} | {ms - dense:+.1f} |")
-
-    positive = torch.rand(TENSOR) + 0.5
-    half_zero = positive * (torch.rand(TENSOR, generator=torch.Generator().manual_seed(1)) < 0.5)
-    print(f"\n`sqrt` of {TENSOR:,} floats, median of 30, ms")
-    print("| input | ms |")
-    print("|---|---|")
-    for name, x in [("positive", positive), ("half zeros", half_zero), ("all zeros", torch.zeros(TENSOR))]:
-        print(f"| {name} | {statistics.median(common.time_ms(x.sqrt, 30)):.3f} |")
-
-    print(f"\nAdamW step over 12 tensors of {TENSOR:,} weights, median of 25, ms")
-    print("| implementation | no zero gradients | half the gradients zero |")
-    print("|---|---|---|")
-    for implementation in ("for-loop", "foreach", "fused"):
-        none, half = adamw_step_ms(implementation, 0.0), adamw_step_ms(implementation, 0.5)
-        print(f"| {implementation} | {none:.2f} | {half:.2f} |")
-
+    record = {
+        "steps": args.steps,
+        "callback_cost": callback_cost(args.steps, args.warmup),
+        "sqrt": sqrt_ms(),
+        "adamw": {i: (adamw_step_ms(i, 0.0), adamw_step_ms(i, 0.5)) for i in ("for-loop", "foreach", "fused")},
+    }
+    print(tables(record))
+    if args.json:
+        common.write_json(args.json, record, started)
     if args.plot:
-        plot(cost, args.plot)
+        plot(record["callback_cost"], args.plot)
 
 
 def plot(cost: dict[str, float], path: Path) -> None:

@@ -22,7 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy
+import export_size
 import intervals
+import optimizer_step
 import overhead
 import refresh
 import scaling
@@ -113,6 +115,10 @@ TABLES: dict[str, Callable[[], str]] = {
         accuracy.grid_table("text", runs_of("accuracy_text.json")) + "\n\n" + source("accuracy_text.json")
     ),
     "scaling": lambda: scaling.table(runs_of("scaling.json")) + "\n\n" + source("scaling.json"),
+    "optimizer-step": lambda: (
+        optimizer_step.tables(load("optimizer_step.json")) + "\n\n" + source("optimizer_step.json")
+    ),
+    "export": lambda: export_size.table(load("export_size.json")["rows"]) + "\n\n" + source("export_size.json"),
     "headline-accuracy": headline_accuracy,
     "headline-overhead": headline_overhead,
 }
