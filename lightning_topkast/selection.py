@@ -17,6 +17,7 @@ find one, all exact and all equal:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_topkast import kernels
 from lightning_topkast.kernels import PICK_CAP, Pick, Threshold
 
 
@@ -163,20 +165,16 @@ def kth_largest(scores: Tensor, k: int, sample: Tensor | None = None) -> Tensor:
 def forward_backward_sets(theta: Tensor, forward_density: float, backward_density: float) -> tuple[Tensor, Tensor]:
     """Forward set A = TopK(θ, D) and backward set B = TopK(θ, D + M) of one tensor.
 
-    Both come from one ordering, so A ⊆ B always holds.
+    The full selection the engine runs at its first refresh: :func:`threshold` on the integer scores, then a compare.
+    Both sets are prefixes of one order, so A ⊆ B always holds.
 
     Examples:
         >>> a, b = forward_backward_sets(torch.tensor([[0.1, -0.9], [0.4, 0.3]]), 0.25, 0.5)
         >>> a.int().tolist(), b.int().tolist()
         ([[0, 1], [0, 0]], [[0, 1], [1, 0]])
     """
-    _check_densities(forward_density, backward_density)
-    scores, n = magnitude_scores(theta), theta.numel()
-    sample = sorted_sample(scores)
-    # both sets are prefixes of one total order, so A ⊆ B
-    forward_set = top_mask(scores, count(forward_density, n), sample).view(theta.shape)
-    backward_set = top_mask(scores, count(backward_density, n), sample).view(theta.shape)
-    return forward_set, backward_set
+    (sets,) = global_forward_backward_sets([theta], forward_density, backward_density)
+    return sets
 
 
 def global_forward_backward_sets(
@@ -184,17 +182,20 @@ def global_forward_backward_sets(
 ) -> list[tuple[Tensor, Tensor]]:
     """One top-k over all ``thetas`` together (the "global" distribution); returns (A, B) per tensor.
 
+    Ties across tensors go to the earlier tensor, as if they were one concatenated tensor.
+
     Examples:
         >>> sets = global_forward_backward_sets([torch.tensor([3.0, 1.0]), torch.tensor([2.0, 4.0])], 0.5, 0.75)
         >>> [(a.int().tolist(), b.int().tolist()) for a, b in sets]
         [([1, 0], [1, 0]), ([0, 1], [1, 1])]
     """
     _check_densities(forward_density, backward_density)
-    scores = magnitude_scores(torch.cat([t.detach().flatten() for t in thetas]))
+    # mixed dtypes rank by value: compare them in the widest one
+    wide = functools.reduce(torch.promote_types, (t.dtype for t in thetas))
+    scores = torch.cat([kernels.scores(t.detach().to(wide)) for t in thetas])
     n = scores.numel()
-    sample = sorted_sample(scores)
-    forward_flat = top_mask(scores, count(forward_density, n), sample)
-    backward_flat = top_mask(scores, count(backward_density, n), sample)
+    forward_flat = kernels.at_least(scores, threshold(scores, count(forward_density, n)))
+    backward_flat = kernels.at_least(scores, threshold(scores, count(backward_density, n)))
     sizes = [t.numel() for t in thetas]
     return [
         (a.view(t.shape), b.view(t.shape))
