@@ -1,7 +1,7 @@
 """Training step time and peak memory of Top-KAST against dense and the alternatives, side by side in one run.
 
     python benchmarks/overhead.py --repeats 5 --plot benchmarks/results/overhead.png
-    python benchmarks/overhead.py --memory          # peak memory, and the callback's bytes per masked weight
+    python benchmarks/overhead.py --memory --repeats 3   # peak memory, and the callback's bytes per masked weight
 
 Three models, trained with bf16 autocast on synthetic batches of the real shapes (the data do not change the cost):
 LeNet-300-100 at batch 128 (a ~4 ms step, where fixed per-step costs show), a CNN on 28x28 images and a
@@ -161,25 +161,41 @@ def summarise(by_method: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def peak_memory(models: list[str], methods: list[str], warmup: int, steps: int, fused: bool) -> dict[str, Any]:
-    """Peak resident memory (and the callback's bytes per masked weight) of each model and method, one process each."""
-    found: dict[str, Any] = {}
-    for model in models:
-        found[model] = {method: run_in_process(model, method, warmup, steps, fused) for method in methods}
-    return found
+def peak_memory(
+    models: list[str], methods: list[str], warmup: int, steps: int, fused: bool, repeats: int
+) -> dict[str, Any]:
+    """Median peak resident memory (and the callback's bytes per masked weight) of each model and method over
+    ``repeats`` fresh processes, interleaved: a process's peak moves by tens of MiB from one start to the next."""
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {n: [] for n in methods} for m in models}
+    for _ in range(repeats):
+        for model in models:
+            for method in methods:
+                runs[model][method].append(run_in_process(model, method, warmup, steps, fused))
+    return {
+        model: {
+            method: {
+                "peak_mib": statistics.median(r["peak_mib"] for r in found),
+                "peaks_mib": [r["peak_mib"] for r in found],
+                "bytes_per_weight": found[0]["bytes_per_weight"],
+            }
+            for method, found in by_method.items()
+        }
+        for model, by_method in runs.items()
+    }
 
 
 def memory_table(found: dict[str, Any]) -> str:
     """Peak RSS per model and method, its ratio to dense, and the callback's measured bytes per masked weight."""
     lines = [
-        "| model | method | peak RSS (MiB) | ratio to dense | callback bytes per masked weight |",
-        "|---|---|---|---|---|",
+        "| model | method | peak RSS, median (MiB) | ratio to dense | runs (MiB) | callback bytes per masked weight |",
+        "|---|---|---|---|---|---|",
     ]
     for model, runs in found.items():
         for method, r in runs.items():
             per_weight = "" if r["bytes_per_weight"] != r["bytes_per_weight"] else f"{r['bytes_per_weight']:.2f}"
             ratio = r["peak_mib"] / runs["dense"]["peak_mib"]
-            lines.append(f"| {model} | {method} | {r['peak_mib']:.0f} | {ratio:.3f} | {per_weight} |")
+            peaks = ", ".join(f"{p:.0f}" for p in r["peaks_mib"])
+            lines.append(f"| {model} | {method} | {r['peak_mib']:.0f} | {ratio:.3f} | {peaks} | {per_weight} |")
     return "\n".join(lines)
 
 
@@ -221,7 +237,7 @@ def main() -> None:
     if "dense" not in args.methods:
         args.methods.insert(0, "dense")
     if args.memory:
-        found = peak_memory(args.models, args.methods, args.warmup, min(args.steps, 10), fused)
+        found = peak_memory(args.models, args.methods, args.warmup, min(args.steps, 10), fused, args.repeats)
         print(memory_table(found))
         if args.json:
             common.write_json(

@@ -356,9 +356,11 @@ int32_t NAME(refresh)(int64_t n, const T *restrict theta, uint8_t *restrict code
     if (need[b] && found[4 * b + 3] < 0) return 0;
   for (int b = 0; b < 2; b++) {
     if (!need[b]) continue;
+    /* the next guess: as far as this one moved per entry that crossed (a secant through the two refreshes) */
+    int64_t moved_by = found[4 * b + 2] - thresholds[2 * b];
+    if (moved_by != 0) spacing[b] = (double)moved_by / (double)(at[b] - ks[b]);
     thresholds[2 * b] = found[4 * b + 2];
     thresholds[2 * b + 1] = found[4 * b + 3];
-    spacing[b] = (double)(windows[2 * b + 1] - windows[2 * b]) / (double)found[4 * b + 1];
   }
   int64_t sa = thresholds[1] < n ? thresholds[1] : n, sb = thresholds[3] < n ? thresholds[3] : n;
   NAME(apply)(n, theta, code, param, thresholds[0], sa, thresholds[2], sb, s0, s1, s2, states, out);

@@ -21,6 +21,7 @@ import functools
 import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,8 +41,8 @@ def count(density: float, numel: int) -> int:
 
 
 # Above this many entries the k-th largest score is found in a band around a sampled estimate of it.
-_BAND_SELECT_ABOVE = 1 << 15
-_SAMPLE_SIZE = 4096
+BAND_SELECT_ABOVE = 1 << 15
+SAMPLE_SIZE = 4096
 
 
 def magnitude_scores(theta: Tensor) -> Tensor:
@@ -121,9 +122,9 @@ def sorted_sample(scores: Tensor) -> Tensor | None:
     Draw it once to select several k from the same scores.
     """
     n = scores.numel()
-    if n <= _BAND_SELECT_ABOVE:
+    if n <= BAND_SELECT_ABOVE:
         return None
-    return torch.sort(scores[:: n // _SAMPLE_SIZE], descending=True).values
+    return torch.sort(scores[:: n // SAMPLE_SIZE], descending=True).values
 
 
 def kth_largest(scores: Tensor, k: int, sample: Tensor | None = None) -> Tensor:
@@ -142,11 +143,8 @@ def kth_largest(scores: Tensor, k: int, sample: Tensor | None = None) -> Tensor:
     sample = sorted_sample(scores) if sample is None else sample
     if sample is None:
         return torch.kthvalue(scores, n - k + 1).values
+    upper, lower = _bracket(sample.numel(), k, n)
     m = sample.numel()
-    # the answer's rank in the sample has a standard deviation below sqrt(m)/2: a margin of 4 of them
-    margin = 2 * math.isqrt(m) + 2
-    position = k * m / n
-    upper, lower = math.floor(position) - margin, math.ceil(position) + margin
     above, in_band = 0, None
     if upper >= 0:
         top = sample[upper]
@@ -160,6 +158,26 @@ def kth_largest(scores: Tensor, k: int, sample: Tensor | None = None) -> Tensor:
     if 1 <= rank <= band.numel():
         return torch.kthvalue(band, band.numel() - rank + 1).values
     return torch.kthvalue(scores, n - k + 1).values
+
+
+def _bracket(m: int, k: int, n: int) -> tuple[int, int]:
+    """Positions in a descending sample of ``m`` of ``n`` scores that bracket the ``k``-th largest of all."""
+    # the answer's rank in the sample has a standard deviation below sqrt(m)/2: a margin of 4 of them
+    margin = 2 * math.isqrt(m) + 2
+    position = k * m / n
+    return math.floor(position) - margin, math.ceil(position) + margin
+
+
+def sampled_window(sample: Tensor, k: int, n: int, top: int) -> tuple[int, int]:
+    """The window ``[lo, hi)`` of integer scores where a descending ``sample`` of ``n`` scores brackets the k-th one.
+
+    :func:`kth_largest`'s band, for :meth:`lightning_topkast.kernels.Kernels.pick`. ``top`` is the largest score (that
+    of inf); where the bracket runs off the sample, the window runs to the end.
+    """
+    upper, lower = _bracket(sample.numel(), k, n)
+    hi = int(sample[upper]) + 1 if upper >= 0 else top + 1
+    lo = int(sample[lower]) if lower < sample.numel() else -1
+    return lo, hi
 
 
 def forward_backward_sets(theta: Tensor, forward_density: float, backward_density: float) -> tuple[Tensor, Tensor]:
@@ -245,7 +263,7 @@ class Window:
 
 
 Query = CountAtLeast | Window
-Found = tuple[Threshold, float]
+Found = tuple[Threshold, "float | None"]
 Search = Generator[Query, "list[int] | Pick", "Found | None"]
 
 RUNGS_PER_SEARCH = 8  # two searches (A and B) share a 16-rung counting pass
@@ -262,10 +280,10 @@ def search_threshold(
     is cheaper. The threshold names the ``k``-th entry, as :func:`threshold` does, unless ``at_previous``, the
     count of scores at or above ``previous`` now, is already ``k``: then ``previous`` still splits the top ``k``
     off and is returned. ``mantissa`` is the significand bits of θ's dtype; ``top`` the largest score (that of
-    inf); ``spacing`` the score units per entry near the threshold, measured at the last search (None: unknown).
+    inf); ``spacing`` how far the threshold moved per entry that crossed it at the last search (None: unknown).
 
     Let F(x) count the scores >= x; F(previous) moved from ``k`` to ``at_previous``. With a spacing, one window
-    around the score where F should now be ``k`` finds the ``k``-th entry in one pass. Otherwise, or if it misses,
+    around the score the same ratio predicts finds the ``k``-th entry in one pass. Otherwise, or if it misses,
     a pass counts at a ladder of scores away from ``previous`` (relative steps 2^-20 to 2^-5, then the end of the
     range) to bracket it, further passes narrow the bracket until it holds at most
     :data:`~lightning_topkast.kernels.PICK_CAP` entries, and a window over the bracket picks the entry.
@@ -282,7 +300,7 @@ def search_threshold(
         hi = min(top + 1, math.ceil(t + (moved + margin) * spacing) + 1)
         found = yield Window(lo, hi, k)
         if found.threshold is not None:
-            return found.threshold, (hi - lo) / found.count
+            return found.threshold, _secant(previous, found.threshold, moved, spacing)
         known.update({hi: found.above, lo: found.above + found.count})
     steps = sorted({1 << max(0, mantissa - 20 + 3 * i) for i in range(RUNGS_PER_SEARCH - 2)})
     if moved > 0:  # F(t) >= at_previous > k: the k-th entry scores at or above t
@@ -291,17 +309,46 @@ def search_threshold(
         ladder = [t + 1, *(max(t + 1 - step, -1) for step in steps), -1]
     rungs = sorted(set(ladder) - known.keys())
     known.update(zip(rungs, (yield CountAtLeast(rungs)), strict=True))
+    found = yield from _narrow(k, known)
+    return None if found is None else (found, _secant(previous, found, moved, spacing))
+
+
+def search_sampled(k: int, window: tuple[int, int], size: int, top: int) -> Search:
+    """Find the :class:`Threshold` of the top ``k`` of ``size`` scores from scratch, in a window a sample brackets.
+
+    The first selection of a large tensor (:func:`sampled_window` gives the window): a pick there when it holds the
+    ``k``-th entry and few enough entries, narrower counting passes first when it holds too many, None (a full
+    selection then) when the sample missed. Returns ``(threshold, None)``: no spacing is known yet.
+    """
+    if k <= 0 or k >= size:
+        return (Threshold(top + 1, 0) if k <= 0 else Threshold(-1, size)), None
+    lo, hi = window
+    found = yield Window(lo, hi, k)
+    if found.threshold is not None:
+        return found.threshold, None
+    if not found.above < k <= found.above + found.count:
+        return None
+    threshold = yield from _narrow(k, {hi: found.above, lo: found.above + found.count})
+    return None if threshold is None else (threshold, None)
+
+
+def _narrow(k: int, known: dict[int, int]) -> Generator[Query, Any, Threshold | None]:
+    """From counts F at a few scores (one at least ``k``, one below), narrow the bracket and pick the entry."""
     for _ in range(MAX_PASSES):
         lo = max(x for x, f in known.items() if f >= k)  # F(lo) >= k > F(hi): the k-th entry is in [lo, hi)
         hi = min(x for x, f in known.items() if f < k)
         if known[lo] - known[hi] <= PICK_CAP:
-            found = yield Window(lo, hi, k)
-            return None if found.threshold is None else (found.threshold, (hi - lo) / found.count)
+            return (yield Window(lo, hi, k)).threshold
         if hi == lo + 1:
             return None  # more ties at one score than a pick takes
         rungs = _rungs_inside(lo, hi, known[lo], known[hi], k)
         known.update(zip(rungs, (yield CountAtLeast(rungs)), strict=True))
     return None
+
+
+def _secant(previous: Threshold, found: Threshold, moved: int, spacing: float | None) -> float:
+    """How far the threshold moved per entry that crossed it: the next search's guess of the same ratio."""
+    return (found.score - previous.score) / moved if found.score != previous.score else (spacing or 0.0)
 
 
 def _rungs_inside(lo: int, hi: int, f_lo: int, f_hi: int, k: int) -> list[int]:

@@ -431,14 +431,36 @@ class TopKAST:
 
     def _select(self, unit: _Unit, sizes: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
         """A full selection: the thresholds from all of the unit's scores."""
-        scores = torch.cat([kernels.scores(t.theta) for t in unit.tensors])
-        if self.sync_free:
-            unit.forward = selection.threshold_tensors(scores, unit.forward_k)
-            unit.backward = selection.threshold_tensors(scores, unit.backward_k)
+        sampled = None if self.sync_free else self._sampled_thresholds(unit)
+        if sampled is not None:
+            unit.forward, unit.backward = sampled
         else:
-            unit.forward = selection.threshold(scores, unit.forward_k)
-            unit.backward = selection.threshold(scores, unit.backward_k)
+            scores = torch.cat([kernels.scores(t.theta) for t in unit.tensors])
+            find = selection.threshold_tensors if self.sync_free else selection.threshold
+            unit.forward, unit.backward = find(scores, unit.forward_k), find(scores, unit.backward_k)
         return self._apply(unit, sizes or {t.name: t.forward_size for t in unit.tensors})
+
+    def _sampled_thresholds(self, unit: _Unit) -> tuple[Threshold, Threshold] | None:
+        """Both thresholds from a window a strided sample brackets: a pass or three over θ and no copy of it.
+
+        None (a full selection then) for small units, which it would not speed up, for torch kernels, and when the
+        sample missed.
+        """
+        if unit.size <= selection.BAND_SELECT_ABOVE or not all(
+            isinstance(t.kernels, kernels.CKernels) for t in unit.tensors
+        ):
+            return None
+        stride = max(1, unit.size // selection.SAMPLE_SIZE)
+        sample = torch.cat([kernels.scores(t.theta.view(-1)[::stride]) for t in unit.tensors])
+        sample = torch.sort(sample, descending=True).values
+        searches = [
+            selection.search_sampled(k, selection.sampled_window(sample, k, unit.size, unit.top), unit.size, unit.top)
+            for k in (unit.forward_k, unit.backward_k)
+        ]
+        found = selection.search_thresholds(searches, partial(_count_at_least, unit), partial(_pick, unit))
+        if None in found:
+            return None
+        return found[0][0], found[1][0]  # type: ignore[index]
 
     def _apply(self, unit: _Unit, sizes: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
         moved = {}

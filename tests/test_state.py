@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_topkast import kernels
-from lightning_topkast.selection import count, global_forward_backward_sets
+from lightning_topkast import kernels, selection
+from lightning_topkast.selection import count, forward_backward_sets, global_forward_backward_sets
 from lightning_topkast.state import STATE_VERSION, TopKAST
 
 DENSITIES = {"0.weight": (0.25, 0.5), "2.weight": (0.5, 0.75)}
@@ -763,3 +763,25 @@ def test_a_refresh_that_changes_no_set_still_zeroes_state_outside_b() -> None:
         state = opt.state[t.param]["sum"]
         assert not bool(state[~t.backward_set].any())
         assert bool((state[t.backward_set] >= 0.1).all())
+
+
+@pytest.mark.parametrize("case", ["normal", "few_values", "strided_outliers"])
+def test_first_selection_of_a_large_tensor_is_one_pick_and_exact(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the band-select size the first selection picks both thresholds in a window a strided sample brackets
+    (no copy of θ); a sample that misses (every stride-th entry an outlier) falls back to the full selection."""
+    n = 300 * 301
+    g = torch.Generator().manual_seed(0)
+    values = {
+        "normal": torch.randn(n, generator=g),
+        "few_values": torch.randint(0, 7, (n,), generator=g).float(),
+        "strided_outliers": torch.where(torch.arange(n) % (n // 4096) == 0, 1e6, torch.rand(n, generator=g)),
+    }[case]
+    full = []
+    threshold = selection.threshold
+    monkeypatch.setattr(selection, "threshold", lambda *a: full.append(1) or threshold(*a))
+    param = nn.Parameter(values.view(300, 301).clone())
+    engine = TopKAST({"w": param}, {"w": (0.2, 0.5)})
+    assert len(full) == (2 if case == "strided_outliers" else 0)
+    a, b = forward_backward_sets(values.view(300, 301), 0.2, 0.5)
+    assert torch.equal(engine.tensors["w"].forward_set, a)
+    assert torch.equal(engine.tensors["w"].backward_set, b)

@@ -76,7 +76,7 @@ def test_the_exact_select_runs_on_a_small_band(monkeypatch: pytest.MonkeyPatch) 
 def test_a_bracket_that_misses_falls_back_to_the_full_select(monkeypatch: pytest.MonkeyPatch) -> None:
     # the strided sample sees only the multiples of the stride, which here are the largest entries
     n = 2**17
-    stride = n // selection._SAMPLE_SIZE
+    stride = n // selection.SAMPLE_SIZE
     scores = torch.where(torch.arange(n) % stride == 0, 10.0 + torch.arange(n) / n, torch.rand(n))
     expected = torch.kthvalue(scores, n - n // 3 + 1).values
     sizes = _spy_on_selects(monkeypatch)
