@@ -124,7 +124,7 @@ def steps_of(run: Run, quick: bool) -> int:
 
 def rigl_delta(steps: int) -> int:
     """RigL's steps between mask updates for a run of ``steps``: :data:`RIGL_UPDATES` updates until 75% of it."""
-    return max(1, round(common.SCHEDULE_END * steps / RIGL_UPDATES))
+    return max(2, round(common.SCHEDULE_END * steps / RIGL_UPDATES))  # rigl-torch needs more than 1
 
 
 def plan_grid(tasks: list[str], seeds: list[int], lrs: dict[str, dict[str, float]]) -> list[Run]:

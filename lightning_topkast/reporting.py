@@ -67,7 +67,12 @@ class FlopCounter:
         ]
         self._spans = sorted(spans)
         self._starts = [s[0] for s in self._spans]
-        formulas = {**dict.fromkeys(_rnn_ops(), _rnn_total), **dict.fromkeys(_cpu_attention_ops(), _attention_total)}
+        formulas = {
+            **dict.fromkeys(_rnn_ops(), _rnn_total),
+            **dict.fromkeys(_cpu_attention_ops(), _attention_total),
+            **dict.fromkeys(_copy_ops(), _no_flops),
+        }
+        self._copies: list[tuple[int, int, str]] = []  # copies of masked tensors made while counting (autocast's)
         self._mode: FlopCounterMode | None = FlopCounterMode(display=False, custom_mapping=formulas)
         # the same formulas, each wrapped to attribute its count; FlopCounterMode passes raw tensors to entries
         self._mode.flop_registry = {op: self._attributing(op, f) for op, f in self._mode.flop_registry.items()}
@@ -104,7 +109,9 @@ class FlopCounter:
     def _owner(self, tensor: Tensor) -> str | None:
         address = tensor.data_ptr()
         i = bisect.bisect_right(self._starts, address) - 1
-        return self._spans[i][2] if i >= 0 and address < self._spans[i][1] else None
+        if i >= 0 and address < self._spans[i][1]:
+            return self._spans[i][2]
+        return next((name for start, end, name in self._copies if start <= address < end), None)
 
     def _record(self, owner: str | None, flops: float) -> None:
         if owner is None:
@@ -114,6 +121,17 @@ class FlopCounter:
 
     def _attributing(self, op: Any, formula: Any) -> Any:
         rnn = op in _rnn_ops()
+        if op in _copy_ops():
+
+            def follow(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
+                # under autocast a matmul reads a bf16/fp16 copy of the weight, not the weight: the copy counts for it
+                owner = self._owner(args[0]) if args and isinstance(args[0], Tensor) else None
+                if owner is not None and isinstance(out_val, Tensor):
+                    start = out_val.data_ptr()
+                    self._copies.append((start, start + out_val.numel() * out_val.element_size(), owner))
+                return 0
+
+            return follow
 
         def count(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
             flops = formula(*args, out_val=out_val, **kwargs)
@@ -130,6 +148,14 @@ class FlopCounter:
             return flops
 
         return count
+
+
+def _copy_ops() -> list[Any]:
+    return [torch.ops.aten._to_copy]
+
+
+def _no_flops(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    return 0
 
 
 def _rnn_ops() -> list[Any]:
@@ -173,7 +199,7 @@ def _numel(shape: Iterable[int]) -> int:
     return out
 
 
-for _formula in (_rnn_total, _attention_total):
+for _formula in (_rnn_total, _attention_total, _no_flops):
     _formula._get_raw = True  # type: ignore[attr-defined]  # FlopCounterMode: pass tensors, not shapes
 
 

@@ -94,6 +94,20 @@ def test_conv_embedding_and_raw_parameters() -> None:
     assert counter.masked == {"conv": 2 * B * 4 * 4 * 3 * 2 * 9, "embedding": 0, "raw": 2 * N * D * 5}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_copies_under_autocast_count_for_their_weight(dtype: torch.dtype) -> None:
+    """Under autocast a Linear multiplies a bf16/fp16 copy of its weight, at another address: it still counts."""
+    first, second = nn.Linear(D, FF), nn.Linear(FF, 3)
+
+    def run() -> None:
+        with torch.autocast("cpu", dtype=dtype):
+            second(first(torch.randn(N, D)))
+
+    counter = _count({"first": first.weight, "second": second.weight}, run)
+    assert counter.masked == {"first": 2 * N * D * FF, "second": 2 * N * FF * 3}
+    assert counter.dense == 0
+
+
 def test_forward_only_between_pause_and_resume() -> None:
     linear = nn.Linear(D, 3)
     counter = FlopCounter({"w": linear.weight})
