@@ -63,7 +63,8 @@ def table(task: str, results: list[dict[str, Any]]) -> str:
     for sparsity in PAIRS:
         mine = [r for r in results if r["sparsity"] == sparsity]
         base = {r["seed"]: scale * r["metric"] for r in mine if r["update_interval"] == 1}
-        for name in dict.fromkeys(label(r) for r in mine):
+        order = sorted(mine, key=lambda r: (r["update_interval"], r["early_refresh"] is None))
+        for name in dict.fromkeys(label(r) for r in order):
             group = sorted((r for r in mine if label(r) == name), key=lambda r: r["seed"])
             values = [scale * r["metric"] for r in group]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
