@@ -101,10 +101,10 @@ TABLES: dict[str, Callable[[], str]] = {
         refresh.table({int(k): v for k, v in load("refresh.json")["rows"].items()}) + "\n\n" + source("refresh.json")
     ),
     "intervals-images": lambda: (
-        intervals.table("images", runs_of("intervals.json", "images")) + "\n\n" + source("intervals.json")
+        intervals.table("images", runs_of("intervals_images.json")) + "\n\n" + source("intervals_images.json")
     ),
     "intervals-text": lambda: (
-        intervals.table("text", runs_of("intervals.json", "text")) + "\n\n" + source("intervals.json")
+        intervals.table("text", runs_of("intervals_text.json")) + "\n\n" + source("intervals_text.json")
     ),
     "tune-images": lambda: accuracy.tune_table("images", runs_of("tune.json")) + "\n\n" + source("tune.json"),
     "tune-text": lambda: accuracy.tune_table("text", runs_of("tune.json")) + "\n\n" + source("tune.json"),
