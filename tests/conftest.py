@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -62,6 +64,47 @@ class MLP(L.LightningModule):
         if self.optimizer in ("adamw", "adamw-fused"):  # fused: one kernel per tensor, torch's fast path on CPU
             return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1, fused=self.optimizer != "adamw")
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-2)
+
+
+class GAN(L.LightningModule):
+    """Manual optimization with two optimizers, noise drawn inside the step: the discriminator steps on every batch,
+    the generator on every ``generator_every``-th. ``discriminator`` builds the discriminator (after the generator,
+    so the initialisation draws in the same order); ``optimizers`` maps the generator's and the discriminator's
+    parameters to the two optimizers (default: SGD at lr 0.1 and SGD at its default lr)."""
+
+    def __init__(
+        self,
+        discriminator: Callable[[], nn.Module] | None = None,
+        optimizers: Callable[[Any, Any], list[torch.optim.Optimizer]] | None = None,
+        generator_every: int = 1,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.discriminator = (
+            discriminator() if discriminator else nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        )
+        self.make_optimizers = optimizers or (lambda g, d: [torch.optim.SGD(g, lr=0.1), torch.optim.SGD(d)])
+        self.generator_every = generator_every
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        (real,) = batch
+        opt_g, opt_d = self.optimizers()
+        fake = self.generator(torch.randn(real.shape[0], 4))
+        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
+        d_loss = F.binary_cross_entropy_with_logits(self.discriminator(real), ones)
+        d_loss = d_loss + F.binary_cross_entropy_with_logits(self.discriminator(fake.detach()), zeros)
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        if batch_idx % self.generator_every == 0:
+            g_loss = F.binary_cross_entropy_with_logits(self.discriminator(fake), ones)
+            opt_g.zero_grad()
+            self.manual_backward(g_loss)
+            opt_g.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return self.make_optimizers(self.generator.parameters(), self.discriminator.parameters())
 
 
 def saved_sets(saved: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import RNGState, assert_alpha, make_trainer
+from conftest import GAN, RNGState, assert_alpha, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos import LightningLSTM, LightningTransformer, WikiText2
 from lightning.pytorch.demos.boring_classes import BoringModel, DemoModel, RandomDataset
@@ -78,37 +78,6 @@ class TiedLM(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=3e-3, fused=True)
-
-
-class GAN(L.LightningModule):
-    """Manual optimization with two optimizers of different kinds; noise drawn inside the step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
-        self.discriminator = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Dropout(0.1), nn.Linear(16, 1))
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        (real,) = batch
-        opt_g, opt_d = self.optimizers()
-        fake = self.generator(torch.randn(real.shape[0], 4))
-        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
-        d_loss = F.binary_cross_entropy_with_logits(self.discriminator(real), ones)
-        d_loss = d_loss + F.binary_cross_entropy_with_logits(self.discriminator(fake.detach()), zeros)
-        opt_d.zero_grad()
-        self.manual_backward(d_loss)
-        opt_d.step()
-        g_loss = F.binary_cross_entropy_with_logits(self.discriminator(fake), ones)
-        opt_g.zero_grad()
-        self.manual_backward(g_loss)
-        opt_g.step()
-
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [
-            torch.optim.Adam(self.generator.parameters(), lr=1e-3, betas=(0.5, 0.999)),
-            torch.optim.SGD(self.discriminator.parameters(), lr=0.05, momentum=0.9),
-        ]
 
 
 class ConvNet(L.LightningModule):
@@ -276,7 +245,13 @@ CASES = {
         masked=["tok_emb.weight", "block.1.weight", "block.3.weight"],
     ),
     "GAN": Case(
-        GAN,
+        lambda: GAN(  # two optimizers of different kinds, dropout in the discriminator
+            discriminator=lambda: nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Dropout(0.1), nn.Linear(16, 1)),
+            optimizers=lambda g, d: [
+                torch.optim.Adam(g, lr=1e-3, betas=(0.5, 0.999)),
+                torch.optim.SGD(d, lr=0.05, momentum=0.9),
+            ],
+        ),
         lambda: DataLoader(TensorDataset(torch.randn(16, 8, generator=_generator()) + 2), batch_size=8),
         masked=["generator.2.weight", "discriminator.0.weight", "discriminator.3.weight"],
     ),

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import GAN, make_trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -232,34 +232,6 @@ def test_logged_fractions_on_an_lstm_match_a_hand_count(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["topkast/train_flops_fraction"] == train
         assert row["topkast/inference_flops_fraction"] == inference
-
-
-class GAN(L.LightningModule):
-    """Manual optimization, two optimizers, four forward passes on the first batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
-        self.discriminator = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        (real,) = batch
-        opt_g, opt_d = self.optimizers()
-        fake = self.generator(torch.randn(real.shape[0], 4))
-        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
-        d_loss = F.binary_cross_entropy_with_logits(self.discriminator(real), ones)
-        d_loss = d_loss + F.binary_cross_entropy_with_logits(self.discriminator(fake.detach()), zeros)
-        opt_d.zero_grad()
-        self.manual_backward(d_loss)
-        opt_d.step()
-        g_loss = F.binary_cross_entropy_with_logits(self.discriminator(fake), ones)
-        opt_g.zero_grad()
-        self.manual_backward(g_loss)
-        opt_g.step()
-
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [torch.optim.SGD(self.generator.parameters(), lr=0.1), torch.optim.SGD(self.discriminator.parameters())]
 
 
 def test_manual_optimization_counts_every_forward_pass_and_no_backward(tmp_path: Path) -> None:

@@ -670,6 +670,26 @@ class _CountSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _train_counting_syncs(model: nn.Module, engine: TopKAST, opt: torch.optim.Optimizer, steps: int) -> _CountSyncs:
+    """``steps`` training steps, counting the syncing operations the engine's own code calls."""
+    counter = _CountSyncs()
+    after_step = engine._after_step
+
+    def counted_after_step(index: int) -> None:
+        with counter:  # the optimizer's own reads (AdamW's step count) are not the engine's
+            after_step(index)
+
+    engine._after_step = counted_after_step  # type: ignore[method-assign]
+    for step in range(steps):
+        x, y = batch(step)
+        F.mse_loss(model(x), y).backward()
+        with counter:
+            engine.before_step(opt)
+        opt.step()
+        opt.zero_grad()
+    return counter
+
+
 @pytest.mark.parametrize("early_refresh", [None, 0.05])
 @pytest.mark.parametrize("update_interval", [1, 3])
 def test_sync_free_steps_read_nothing_back_and_select_the_same_sets(
@@ -681,21 +701,7 @@ def test_sync_free_steps_read_nothing_back_and_select_the_same_sets(
         model, engine, opt = setup(
             "adamw", update_interval, penalty=0.01, compiled=False, sync_free=sync_free, early_refresh=early_refresh
         )
-        counter = _CountSyncs()
-        after_step = engine._after_step
-
-        def counted_after_step(index: int, after_step=after_step, counter=counter) -> None:
-            with counter:  # the optimizer's own reads (AdamW's step count) are not the engine's
-                after_step(index)
-
-        engine._after_step = counted_after_step
-        for step in range(8):
-            x, y = batch(step)
-            F.mse_loss(model(x), y).backward()
-            with counter:
-                engine.before_step(opt)
-            opt.step()
-            opt.zero_grad()
+        counter = _train_counting_syncs(model, engine, opt, steps=8)
         runs[sync_free] = engine
         if sync_free:
             assert counter.syncs == []
@@ -731,21 +737,7 @@ def test_sync_free_early_refresh_acts_one_step_after_its_test() -> None:
 def test_compiled_kernels_read_nothing_back_through_torch(update_interval: int) -> None:
     """On CPU the counts come back through ctypes: no step calls ``.item()``, ``bool(t)`` or a data-sized op."""
     model, engine, opt = setup("sgd-momentum-wd", update_interval, penalty=0.01, compiled=True, early_refresh=0.01)
-    counter = _CountSyncs()
-    after_step = engine._after_step
-
-    def counted_after_step(index: int) -> None:
-        with counter:
-            after_step(index)
-
-    engine._after_step = counted_after_step
-    for step in range(12):
-        x, y = batch(step)
-        F.mse_loss(model(x), y).backward()
-        with counter:
-            engine.before_step(opt)
-        opt.step()
-        opt.zero_grad()
+    counter = _train_counting_syncs(model, engine, opt, steps=12)
     assert engine.refreshes > 0
     assert counter.syncs == []
 

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import MLP, make_loader, make_trainer
+from conftest import GAN, MLP, make_loader, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
@@ -494,44 +494,15 @@ def test_bf16_mixed_precision(tmp_path: Path) -> None:
             assert not before[name]["grad"][~before[name]["B"]].any()
 
 
-class GAN(L.LightningModule):
-    """Manual optimization: the discriminator steps on every batch, the generator on every other batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
-        self.discriminator = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        (real,) = batch
-        opt_g, opt_d = self.optimizers()
-        fake = self.generator(torch.randn(real.shape[0], 4))
-        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
-
-        d_loss = F.binary_cross_entropy_with_logits(self.discriminator(real), ones)
-        d_loss = d_loss + F.binary_cross_entropy_with_logits(self.discriminator(fake.detach()), zeros)
-        opt_d.zero_grad()
-        self.manual_backward(d_loss)
-        opt_d.step()
-
-        if batch_idx % 2 == 0:
-            g_loss = F.binary_cross_entropy_with_logits(self.discriminator(fake), ones)
-            opt_g.zero_grad()
-            self.manual_backward(g_loss)
-            opt_g.step()
-
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [
-            torch.optim.Adam(self.generator.parameters(), lr=1e-2),
-            torch.optim.SGD(self.discriminator.parameters(), lr=0.1, momentum=0.9),
-        ]
-
-
 def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
     callback = TopKASTCallback(update_interval=2, early_refresh=None, dense_first_layer=False, verbose=False)
     loader = DataLoader(TensorDataset(torch.randn(64, 8) + 2.0), batch_size=8)
-    recorder, trainer = _fit(tmp_path, GAN(), callback, loader=loader)
+    # the discriminator steps on every batch, the generator on every other batch
+    gan = GAN(
+        optimizers=lambda g, d: [torch.optim.Adam(g, lr=1e-2), torch.optim.SGD(d, lr=0.1, momentum=0.9)],
+        generator_every=2,
+    )
+    recorder, trainer = _fit(tmp_path, gan, callback, loader=loader)
     engine = _engine(callback)
 
     G, D = ["generator.0.weight", "generator.2.weight"], ["discriminator.0.weight", "discriminator.2.weight"]
