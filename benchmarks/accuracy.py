@@ -14,7 +14,8 @@ ModelPruning (Zhu & Gupta's cubic schedule, a pruning step every 100 steps, at t
 run, the 234 updates of RigL's ImageNet schedule (updates every 100 of ~31,000 steps) scaled to our budgets.
 
 ``--tune`` trains every method (dense, and each sparse method at 90%) at each learning rate of the task's grid on
-the validation split, seed 0, and keeps each method's best for all its sparsities (``tune.json``). Every grid run
+the validation split, seed 0, for a quarter of the budget (schedules scaled with it), and keeps each method's best
+for all its sparsities (``tune.json``). Every grid run
 records the validation metric along the way (the learning curve), its training FLOPs against dense (theoretical:
 the callback's own fraction for Top-KAST, the density integrated over the schedule for ModelPruning, RigL's dense
 gradient at each update), its training wall time and, for Top-KAST, turnover and exploration over training. The
@@ -59,6 +60,9 @@ GRID = {  # method: forward sparsities of the main grid
     "rigl": (0.8, 0.9),
 }
 TUNE_SPARSITY = 0.9  # each sparse method's learning rate is chosen here and used at all its sparsities
+# Learning rates are chosen on runs of a quarter of the budget, every schedule (cosine, RigL's, ModelPruning's)
+# scaled with it: the search costs a quarter of one seed of the grid. Shorter runs tend to favour larger rates.
+TUNE_BUDGET = 0.25
 RIGL_UPDATES = 234  # RigL's ImageNet schedule: a mask update every 100 of ~31,000 steps, until 75% of the run
 PRUNE_EVERY = 100  # steps between ModelPruning's pruning steps (its "epochs" here)
 DYNAMICS_EVERY = 50  # steps between turnover/exploration records of a Top-KAST run
@@ -116,10 +120,11 @@ class Run:
     exploration_penalty: float = 1e-4
     model: tuple[tuple[str, Any], ...] = ()  # overrides of the task's model (the scaling family)
     tag: str = ""
+    budget: float = 1.0  # fraction of the task's steps
 
 
 def steps_of(run: Run, quick: bool) -> int:
-    return QUICK_STEPS if quick else TASKS[run.task].steps
+    return QUICK_STEPS if quick else round(TASKS[run.task].steps * run.budget)
 
 
 def rigl_delta(steps: int) -> int:
@@ -139,9 +144,10 @@ def plan_grid(tasks: list[str], seeds: list[int], lrs: dict[str, dict[str, float
 
 
 def plan_tune(tasks: list[str]) -> list[Run]:
-    """Dense, and each sparse method at :data:`TUNE_SPARSITY`, at every learning rate of the grid; validation."""
+    """Dense, and each sparse method at :data:`TUNE_SPARSITY`, at every learning rate of the grid, on
+    :data:`TUNE_BUDGET` of the steps; validation split."""
     return [
-        Run(task, method, 0.0 if method == "dense" else TUNE_SPARSITY, 0, lr, split="val")
+        Run(task, method, 0.0 if method == "dense" else TUNE_SPARSITY, 0, lr, split="val", budget=TUNE_BUDGET)
         for task in tasks
         for method in GRID
         for lr in TASKS[task].tune_lrs
