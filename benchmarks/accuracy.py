@@ -400,6 +400,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def spread(values: list[float], digits: int) -> str:
+    """``mean ± std`` over seeds, or the value alone for one seed (which has no spread to show)."""
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def over_seeds(n: int) -> str:
+    return f"mean ± std over {n} seeds" if n > 1 else "1 seed"
+
+
 def label(method: str, sparsity: float) -> str:
     if method == "dense":
         return "dense"
@@ -415,19 +425,19 @@ def grid_table(task: str, results: list[dict[str, Any]]) -> str:
     dense_seconds = statistics.median(r["train_seconds"] for r in found[("dense", 0.0)])
     seeds = len(found[("dense", 0.0)])
     lines = [
-        f"| method | {metric_name(task)}, mean ± std over {seeds} seeds (to dense) | training FLOPs / dense "
+        f"| method | {metric_name(task)}, {over_seeds(seeds)} (to dense) | training FLOPs / dense "
         "| wall time / dense (median s) | learning rate |",
         "|---|---|---|---|---|",
     ]
     for method, sparsities in GRID.items():
         for sparsity in sparsities:
             runs = found[(method, sparsity)]
-            mean, std = mean_std([scaled(task, r["metric"]) for r in runs])
-            gap = "" if method == "dense" else f" ({mean - dense_metric[0]:+.{d}f})"
+            values = [scaled(task, r["metric"]) for r in runs]
+            gap = "" if method == "dense" else f" ({statistics.fmean(values) - dense_metric[0]:+.{d}f})"
             seconds = statistics.median(r["train_seconds"] for r in runs)
             flops = statistics.fmean(r["flops_fraction"] for r in runs)
             lines.append(
-                f"| {label(method, sparsity)} | {mean:.{d}f} ± {std:.{d}f}{gap} | {flops:.3f} | "
+                f"| {label(method, sparsity)} | {spread(values, d)}{gap} | {flops:.3f} | "
                 f"{seconds / dense_seconds:.2f} ({seconds:.0f}) | {runs[0]['lr']:g} |"
             )
     return "\n".join(lines)
@@ -500,7 +510,7 @@ def plot_grid(task: str, results: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     name = "Fashion-MNIST CNN" if task == "images" else "KJV char Transformer"
-    fig.suptitle(f"{name}, {TASKS[task].steps} steps, mean ± std over {len(found[('dense', 0.0)])} seeds")
+    fig.suptitle(f"{name}, {TASKS[task].steps} steps, {over_seeds(len(found[('dense', 0.0)]))}")
     common.save_figure(fig, path)
 
 

@@ -1,7 +1,7 @@
 """Accuracy against the refresh schedule: ``update_interval`` 1, 10, 100 and 1000, with and without early refresh.
 
-    python benchmarks/intervals.py --seeds 0 1 2 --json benchmarks/results/intervals.json \\
-        --plot benchmarks/results/intervals.png
+    python benchmarks/intervals.py --task images --seeds 0 1 2 --json benchmarks/results/intervals_images.json \\
+        --plot benchmarks/results/intervals_images.png
 
 Top-KAST 80/50 on both tasks of :mod:`accuracy` (same models, data, step budgets and seeds, Top-KAST's
 tuned learning rate from ``results/tune.json``), the interval being the most steps between refreshes. With
@@ -54,8 +54,8 @@ def label(r: dict[str, Any]) -> str:
 def table(task: str, results: list[dict[str, Any]]) -> str:
     digits, scale = (2, 100) if task == "images" else (3, 1)
     lines = [
-        f"**{task}**: {accuracy.metric_name(task)}, mean ± std over seeds; each seed's difference to refreshing every "
-        "step; refreshes per run (early ones); minutes per run",
+        f"**{task}**: {accuracy.metric_name(task)}, {accuracy.over_seeds(len({r['seed'] for r in results}))}; each "
+        "seed's difference to refreshing every step; refreshes per run (early ones); minutes per run",
         "",
         "| sparsity | refresh | metric | per seed, to every step | refreshes (early) | minutes |",
         "|---|---|---|---|---|---|",
@@ -67,14 +67,13 @@ def table(task: str, results: list[dict[str, Any]]) -> str:
         for name in dict.fromkeys(label(r) for r in order):
             group = sorted((r for r in mine if label(r) == name), key=lambda r: r["seed"])
             values = [scale * r["metric"] for r in group]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
             seeds = ", ".join(f"{scale * r['metric'] - base[r['seed']]:+.{digits}f}" for r in group)
             refreshes = statistics.fmean(r["refreshes"] for r in group)
             early = statistics.fmean(r["early_refreshes"] for r in group)
             minutes = statistics.fmean(r["train_seconds"] for r in group) / 60
             pair = f"{sparsity:.0%}/{common.TOPKAST_BACKWARD[sparsity]:.0%}"
             lines.append(
-                f"| {pair} | {name} | {statistics.fmean(values):.{digits}f} ± {std:.{digits}f} | {seeds} | "
+                f"| {pair} | {name} | {accuracy.spread(values, digits)} | {seeds} | "
                 f"{refreshes:.0f} ({early:.0f}) | {minutes:.2f} |"
             )
     return "\n".join(lines)

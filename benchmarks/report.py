@@ -62,10 +62,10 @@ def headline_accuracy() -> str:
         dense = accuracy.mean_std([accuracy.scaled(task, r["metric"]) for r in found[("dense", 0.0)]])[0]
         cells[task] = {}
         for key, runs in found.items():
-            mean, std = accuracy.mean_std([accuracy.scaled(task, r["metric"]) for r in runs])
-            gap = "" if key[0] == "dense" else f" ({mean - dense:+.{d}f})"
+            values = [accuracy.scaled(task, r["metric"]) for r in runs]
+            gap = "" if key[0] == "dense" else f" ({statistics.fmean(values) - dense:+.{d}f})"
             flops = statistics.fmean(r["flops_fraction"] for r in runs)
-            cells[task][key] = f"{mean:.{d}f} ± {std:.{d}f}{gap} | {flops:.2f}"
+            cells[task][key] = f"{accuracy.spread(values, d)}{gap} | {flops:.2f}"
     rows = [("dense", 0.0), *((m, s) for m in list(accuracy.GRID)[1:] for s in accuracy.GRID[m] if s in (0.8, 0.9))]
     lines = [
         "| method | Fashion-MNIST test accuracy % (to dense) | training FLOPs | KJV test bits/char (to dense) "

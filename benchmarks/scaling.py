@@ -65,21 +65,21 @@ def plan(seeds: list[int], lrs: dict[str, float], vocab: int) -> list[accuracy.R
 
 
 def table(results: list[dict[str, Any]]) -> str:
+    seeds = accuracy.over_seeds(len({r["seed"] for r in results}))
     lines = [
-        "| model | width | non-zero parameters | test bits/char, mean ± std | training FLOPs (×10^12) | minutes |",
+        f"| model | width | non-zero parameters | test bits/char, {seeds} | training FLOPs (×10^12) | minutes |",
         "|---|---|---|---|---|---|",
     ]
     keyed: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in results:
         keyed.setdefault((r["method"], dict(r["model"])["d_model"]), []).append(r)
     for (method, width), runs in sorted(keyed.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][1])):
-        mean, std = accuracy.mean_std([r["metric"] for r in runs])
         flops = statistics.fmean(3 * r["forward_flops_per_batch"] * r["flops_fraction"] * r["steps"] for r in runs)
         minutes = statistics.fmean(r["train_seconds"] for r in runs) / 60
+        bits = accuracy.spread([r["metric"] for r in runs], 3)
         name = "dense" if method == "dense" else f"Top-KAST {SPARSITY:.0%}/{common.TOPKAST_BACKWARD[SPARSITY]:.0%}"
         lines.append(
-            f"| {name} | {width} | {runs[0]['nonzero_parameters']:,} | {mean:.3f} ± {std:.3f} | {flops / 1e12:.1f} | "
-            f"{minutes:.1f} |"
+            f"| {name} | {width} | {runs[0]['nonzero_parameters']:,} | {bits} | {flops / 1e12:.1f} | {minutes:.1f} |"
         )
     return "\n".join(lines)
 
