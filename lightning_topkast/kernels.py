@@ -559,7 +559,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _build() -> Path:
-    """Compile ``_kernels.c`` once per source, compiler and CPU; later calls find it in the cache folder."""
+    """Compile ``_kernels.c`` once per source, compiler, torch installation and CPU; later calls find it cached."""
     package = resources.files("lightning_topkast")
     sources = {name: package.joinpath(name).read_bytes() for name in _SOURCES}
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -568,7 +568,8 @@ def _build() -> Path:
     torch_lib = Path(torch.__file__).parent / "lib"
     openmp = ["-fopenmp", f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]  # torch's own OpenMP runtime: one thread pool
     base = [compiler, "-O3", "-march=native", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC"]
-    key = hashlib.sha256(b"\0".join([*sources.values(), " ".join(base).encode(), _cpu_id().encode()]))
+    # torch's folder is in the key: a library linked against one venv's OpenMP must not serve another venv
+    key = hashlib.sha256(b"\0".join([*sources.values(), " ".join(base + openmp).encode(), _cpu_id().encode()]))
     folder = Path(os.environ.get("LIGHTNING_TOPKAST_CACHE") or Path.home() / ".cache" / "lightning_topkast")
     target = folder / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():

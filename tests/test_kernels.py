@@ -223,6 +223,17 @@ def test_the_library_is_built_once_per_cache_folder(tmp_path: Path, monkeypatch:
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # the build folder is gone
 
 
+@pytest.mark.slow  # compiles twice
+def test_a_library_linked_against_another_torch_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the library's rpath names torch's OpenMP runtime: another venv's copy must get its own build
+    monkeypatch.setenv("LIGHTNING_TOPKAST_CACHE", str(tmp_path))
+    first = kernels._build()
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    second = kernels._build()
+    assert second != first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".so") == sorted([first.name, second.name])
+
+
 def test_without_a_compiler_torch_kernels_run_and_a_warning_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
