@@ -1,0 +1,56 @@
+"""docs/results.md and README's headline hold exactly what benchmarks/results/*.json say.
+
+``benchmarks/report.py`` renders every measured table from the JSON the benchmarks wrote (with the commit and date
+of the run under each); these tests fail when a document's table differs from its JSON, names a table that does
+not exist, or shows a ratio that is not the ratio of the milliseconds beside it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import report  # noqa: E402
+
+
+def _blocks(path: Path) -> dict[str, str]:
+    return {m["name"]: m["body"] for m in report.BLOCK.finditer(path.read_text())}
+
+
+def test_every_table_in_the_documents_matches_its_json() -> None:
+    assert report.check() == []
+
+
+@pytest.mark.parametrize("path", report.DOCUMENTS, ids=lambda p: p.name)
+def test_every_table_block_names_a_known_table(path: Path) -> None:
+    names = list(_blocks(path))
+    assert names, f"{path.name} holds no generated table"
+    assert set(names) <= set(report.TABLES)
+
+
+def test_the_readme_headline_shows_80_and_90_percent_for_every_sparse_method() -> None:
+    headline = _blocks(ROOT / "README.md")["headline-accuracy"]
+    for method in (
+        "Top-KAST 80%/50%",
+        "Top-KAST 90%/80%",
+        "ModelPruning 80%",
+        "ModelPruning 90%",
+        "RigL 80%",
+        "RigL 90%",
+    ):
+        assert f"| {method} |" in headline, method
+
+
+def test_every_ratio_is_the_ratio_of_the_milliseconds_beside_it() -> None:
+    headline = _blocks(ROOT / "README.md")["headline-overhead"]
+    rows = [line for line in headline.splitlines() if line.startswith("| ") and "ms" in line and "model" not in line]
+    assert rows
+    for row in rows:
+        dense = float(re.search(r"\(([\d.]+)\) \|", row)[1])
+        for ratio, ms in re.findall(r"([\d.]+) \(([\d.]+) ms\)", row):
+            assert abs(float(ratio) - float(ms) / dense) <= 0.006 + 0.01 * float(ratio), row
