@@ -598,6 +598,26 @@ def report(tasks: list[str], out: Path, plots: bool = True) -> None:
         plot_dynamics(grid_runs, out / "dynamics.png")
 
 
+def with_other_seeds(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` plus the runs of ``path`` on seeds it does not hold, so seeds can be added one run at a time.
+
+    Only runs of the same configuration join; each earlier run's seeds, provenance and wall time are kept under
+    ``earlier``.
+    """
+    if not path.exists():
+        return record
+    saved = json.loads(path.read_text())
+    seeds = {r["seed"] for r in record["runs"]}
+    kept = [r for r in saved["runs"] if r["seed"] not in seeds]
+    if not kept or saved["config"] != record["config"] or saved["quick"] != record["quick"]:
+        return record
+    earlier = [e for e in saved.get("earlier", []) if set(e["seeds"]) - seeds]
+    own = {"seeds": sorted({r["seed"] for r in kept} - {s for e in earlier for s in e["seeds"]})}
+    if own["seeds"]:
+        earlier.append({**own, "wall_seconds": saved["wall_seconds"], "provenance": saved["provenance"]})
+    return {**record, "runs": sorted(kept + record["runs"], key=lambda r: r["seed"]), "earlier": earlier}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run the tuning or the grid, print the tables and write JSON and PNG per task."""
     parser = argparse.ArgumentParser(
@@ -645,7 +665,9 @@ def main(argv: list[str] | None = None) -> None:
     for task in tasks:
         mine = [r for r in results if r["task"] == task]
         record = {"wall_seconds": wall, "config": asdict(TASKS[task]), "quick": args.quick, "runs": mine}
-        common.write_json(out / f"accuracy_{task}.json", record, started)
+        common.write_json(
+            out / f"accuracy_{task}.json", with_other_seeds(out / f"accuracy_{task}.json", record), started
+        )
     report(tasks, out)
     print(f"wall time {wall / 60:.1f} min on {args.workers} workers x {args.threads} threads")
 

@@ -44,9 +44,20 @@ def source(*names: str) -> str:
     """The line under a table: its JSON files, each with the commit and date its run recorded."""
     parts = []
     for name in names:
-        p = load(name)["provenance"]
-        dirty = ", uncommitted changes" if p["dirty"] else ""
-        parts.append(f"[`{name}`](../benchmarks/results/{name}) (commit `{p['commit'][:7]}`{dirty}, {p['date'][:10]})")
+        record = load(name)
+        earlier = record.get("earlier", [])  # seeds run before, merged in (accuracy.with_other_seeds)
+        runs = [(e["seeds"], e["provenance"]) for e in earlier] + [([], record["provenance"])]
+        if earlier:
+            runs[-1] = (
+                sorted({r["seed"] for r in record["runs"]} - {s for e in earlier for s in e["seeds"]}),
+                runs[-1][1],
+            )
+        described = []
+        for seeds, p in runs:
+            dirty = ", uncommitted changes" if p["dirty"] else ""
+            which = f"seed {', '.join(map(str, seeds))}: " if seeds else ""
+            described.append(f"{which}commit `{p['commit'][:7]}`{dirty}, {p['date'][:10]}")
+        parts.append(f"[`{name}`](../benchmarks/results/{name}) ({'; '.join(described)})")
     return "Source: " + "; ".join(parts) + "."
 
 

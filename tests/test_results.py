@@ -7,6 +7,7 @@ not exist, or shows a ratio that is not the ratio of the milliseconds beside it.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -54,3 +55,23 @@ def test_every_ratio_is_the_ratio_of_the_milliseconds_beside_it() -> None:
         dense = float(re.search(r"\(([\d.]+)\) \|", row)[1])
         for ratio, ms in re.findall(r"([\d.]+) \(([\d.]+) ms\)", row):
             assert abs(float(ratio) - float(ms) / dense) <= 0.006 + 0.01 * float(ratio), row
+
+
+def test_seeds_run_later_join_the_saved_ones_with_their_own_provenance(tmp_path: Path) -> None:
+    import accuracy
+
+    def record(seeds: list[int], commit: str) -> dict:
+        runs = [{"seed": s, "method": "dense", "metric": 0.5 + s} for s in seeds]
+        return {"wall_seconds": 1.0, "config": {"steps": 10}, "quick": False, "runs": runs, "provenance": commit}
+
+    path = tmp_path / "accuracy_images.json"
+    path.write_text(json.dumps(record([0], "first")))
+    merged = accuracy.with_other_seeds(path, record([1, 2], "second"))
+    assert [r["seed"] for r in merged["runs"]] == [0, 1, 2]
+    assert merged["earlier"] == [{"seeds": [0], "wall_seconds": 1.0, "provenance": "first"}]
+    path.write_text(json.dumps({**merged, "provenance": "second"}))
+    again = accuracy.with_other_seeds(path, record([1], "third"))  # seed 1 rerun: replaces its runs only
+    assert [r["seed"] for r in again["runs"]] == [0, 1, 2]
+    assert [e["seeds"] for e in again["earlier"]] == [[0], [2]]
+    other = {**record([1], "fourth"), "config": {"steps": 20}}  # another budget: nothing joins
+    assert accuracy.with_other_seeds(path, other)["runs"] == other["runs"]
