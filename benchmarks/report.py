@@ -46,12 +46,9 @@ def source(*names: str) -> str:
     for name in names:
         record = load(name)
         earlier = record.get("earlier", [])  # seeds run before, merged in (accuracy.with_other_seeds)
-        runs = [(e["seeds"], e["provenance"]) for e in earlier] + [([], record["provenance"])]
-        if earlier:
-            runs[-1] = (
-                sorted({r["seed"] for r in record["runs"]} - {s for e in earlier for s in e["seeds"]}),
-                runs[-1][1],
-            )
+        runs = [(e["seeds"], e["provenance"]) for e in earlier]
+        latest = {r["seed"] for r in record["runs"]} - {s for seeds, _ in runs for s in seeds} if earlier else set()
+        runs.append((sorted(latest), record["provenance"]))  # no seeds named when one run made the whole file
         described = []
         for seeds, p in runs:
             dirty = ", uncommitted changes" if p["dirty"] else ""
