@@ -511,10 +511,14 @@ def provenance() -> dict[str, Any]:
         done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
         return done.stdout.strip()
 
+    commit = git("rev-parse", "HEAD")
     return {
-        "commit": git("rev-parse", "HEAD"),
+        # a copy of the tree without its .git (a GPU machine's) names the commit it was copied from
+        "commit": commit or os.environ.get("BENCHMARK_COMMIT", ""),
         # the results folder is what the benchmarks write: one script's output must not mark the next one's code dirty
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"))
+        if commit
+        else None,
         "argv": sys.argv,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -531,6 +535,7 @@ def provenance() -> dict[str, Any]:
         else platform.processor(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "versions": {
             name: version(name)
             for name in ("torch", "lightning", "lightning-topkast", "rigl-torch", "numpy", "torchmetrics")

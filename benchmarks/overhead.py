@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py --repeats 5 --plot benchmarks/results/overhead.png
     python benchmarks/overhead.py --memory --repeats 3   # peak memory, and the callback's bytes per masked weight
+    python benchmarks/overhead.py --accelerator gpu --methods ...   # on a CUDA device (peak memory: allocated)
 
 Three models, trained with bf16 autocast on synthetic batches of the real shapes (the data do not change the cost):
 LeNet-300-100 at batch 128 (a ~4 ms step, where fixed per-step costs show), a CNN on 28x28 images and a
@@ -76,21 +77,29 @@ def make_batches(model: str, batches: int) -> DataLoader:
 
 
 class StepClock(L.Callback):
-    """Times from the start of batch ``warmup`` to the start of batch ``warmup + steps``: everything in between."""
+    """Times from the start of batch ``warmup`` to the start of batch ``warmup + steps``: everything in between.
+    On a GPU the clock reads wait for the device, so queued work is inside the window it belongs to."""
 
     def __init__(self, warmup: int, steps: int) -> None:
         self.warmup, self.steps = warmup, steps
         self.seconds_per_step = float("nan")
 
+    def _now(self, trainer: L.Trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step == self.warmup:
-            self._start = time.perf_counter()
+            self._start = self._now(trainer)
         elif trainer.global_step == self.warmup + self.steps:
-            self.seconds_per_step = (time.perf_counter() - self._start) / self.steps
+            self.seconds_per_step = (self._now(trainer) - self._start) / self.steps
             trainer.should_stop = True
 
 
-def run(model_name: str, method: str, warmup: int, steps: int, fused: bool = True) -> dict[str, float]:
+def run(
+    model_name: str, method: str, warmup: int, steps: int, fused: bool = True, accelerator: str = "cpu"
+) -> dict[str, float]:
     """One training run: seconds per optimizer step over the timed window, and the callback's bytes per weight."""
     L.seed_everything(0, verbose=False)
     scale = STEPS_SCALE.get(model_name, 1)
@@ -103,7 +112,7 @@ def run(model_name: str, method: str, warmup: int, steps: int, fused: bool = Tru
         max_steps=total,
         limit_train_batches=warmup,  # epochs of `warmup` steps: ModelPruning prunes at the end of the first
         precision="bf16-mixed",
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -119,17 +128,20 @@ def run(model_name: str, method: str, warmup: int, steps: int, fused: bool = Tru
     return {"seconds": clock.seconds_per_step, "bytes_per_weight": per_weight}
 
 
-def run_in_process(model: str, method: str, warmup: int, steps: int, fused: bool = True) -> dict[str, float]:
-    """One run in a fresh Python process: seconds per step, peak resident memory (MiB), callback bytes per weight."""
+def run_in_process(
+    model: str, method: str, warmup: int, steps: int, fused: bool = True, accelerator: str = "cpu"
+) -> dict[str, float]:
+    """One run in a fresh Python process: seconds per step, peak memory (MiB: resident on CPU, allocated on a GPU),
+    callback bytes per weight."""
     cmd = [sys.executable, __file__, "--one", model, method, "--warmup", str(warmup), "--steps", str(steps)]
-    cmd += [] if fused else ["--unfused"]
+    cmd += ["--accelerator", accelerator] + ([] if fused else ["--unfused"])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
     seconds, per_weight, peak = (float(x) for x in out[-3:])
     return {"seconds": seconds, "bytes_per_weight": per_weight, "peak_mib": peak}
 
 
 def timing(
-    models: list[str], methods: list[str], repeats: int, warmup: int, steps: int, fused: bool
+    models: list[str], methods: list[str], repeats: int, warmup: int, steps: int, fused: bool, accelerator: str
 ) -> dict[str, dict[str, list[float]]]:
     """Seconds per step of every run, per model and method, in repeat order."""
     times: dict[str, dict[str, list[float]]] = {m: {n: [] for n in methods} for m in models}
@@ -137,7 +149,8 @@ def timing(
         order = methods[repeat % len(methods) :] + methods[: repeat % len(methods)]
         for model in models:
             for method in order:
-                times[model][method].append(run_in_process(model, method, warmup, steps, fused)["seconds"])
+                found = run_in_process(model, method, warmup, steps, fused, accelerator)
+                times[model][method].append(found["seconds"])
                 print(
                     f"  repeat {repeat + 1}/{repeats} {model:5s} {method:42s} {times[model][method][-1] * 1e3:8.2f} ms",
                     file=sys.stderr,
@@ -162,7 +175,7 @@ def summarise(by_method: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 
 def peak_memory(
-    models: list[str], methods: list[str], warmup: int, steps: int, fused: bool, repeats: int
+    models: list[str], methods: list[str], warmup: int, steps: int, fused: bool, repeats: int, accelerator: str
 ) -> dict[str, Any]:
     """Median peak resident memory (and the callback's bytes per masked weight) of each model and method over
     ``repeats`` fresh processes, interleaved: a process's peak moves by tens of MiB from one start to the next."""
@@ -170,7 +183,7 @@ def peak_memory(
     for _ in range(repeats):
         for model in models:
             for method in methods:
-                runs[model][method].append(run_in_process(model, method, warmup, steps, fused))
+                runs[model][method].append(run_in_process(model, method, warmup, steps, fused, accelerator))
     return {
         model: {
             method: {
@@ -184,10 +197,12 @@ def peak_memory(
     }
 
 
-def memory_table(found: dict[str, Any]) -> str:
-    """Peak RSS per model and method, its ratio to dense, and the callback's measured bytes per masked weight."""
+def memory_table(found: dict[str, Any], accelerator: str = "cpu") -> str:
+    """Peak memory (resident on CPU, allocated on a GPU) per model and method, its ratio to dense, and the
+    callback's measured bytes per masked weight."""
+    peak = "peak RSS" if accelerator == "cpu" else "peak GPU memory allocated"
     lines = [
-        "| model | method | peak RSS, median (MiB) | ratio to dense | runs (MiB) | callback bytes per masked weight |",
+        f"| model | method | {peak}, median (MiB) | ratio to dense | runs (MiB) | callback bytes per masked weight |",
         "|---|---|---|---|---|---|",
     ]
     for model, runs in found.items():
@@ -225,42 +240,50 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every run's figures here")
     parser.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
     parser.add_argument("--unfused", action="store_true", help="the LM's AdamW without fused=True (torch's default)")
+    parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     started = common.provenance()  # of the code that runs, not of whatever is checked out at the end
     fused = not args.unfused
 
     if args.one:
-        r = run(*args.one, args.warmup, args.steps, fused)
-        print(r["seconds"], r["bytes_per_weight"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        r = run(*args.one, args.warmup, args.steps, fused, args.accelerator)
+        if args.accelerator == "gpu":
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(r["seconds"], r["bytes_per_weight"], peak)
         return
     if "dense" not in args.methods:
         args.methods.insert(0, "dense")
     if args.memory:
-        found = peak_memory(args.models, args.methods, args.warmup, min(args.steps, 10), fused, args.repeats)
-        print(memory_table(found))
+        found = peak_memory(
+            args.models, args.methods, args.warmup, min(args.steps, 10), fused, args.repeats, args.accelerator
+        )
+        print(memory_table(found, args.accelerator))
         if args.json:
-            common.write_json(
-                args.json, {"kind": "memory", "sparsity": SPARSITY, "fused": fused, "runs": found}, started
-            )
+            record = {"kind": "memory", "sparsity": SPARSITY, "fused": fused, "accelerator": args.accelerator}
+            common.write_json(args.json, {**record, "runs": found}, started)
         return
 
+    where = f"{torch.get_num_threads()} threads" if args.accelerator == "cpu" else torch.cuda.get_device_name()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16-mixed, sparsity {SPARSITY:.0%}; "
+        f"torch {torch.__version__}, {where}, bf16-mixed, sparsity {SPARSITY:.0%}; "
         f"median of {args.repeats} runs of {args.steps} steps ({STEPS_SCALE} times more for those), each in a fresh "
         f"process; the LM's AdamW {'fused' if fused else 'unfused'}"
     )
-    times = timing(args.models, args.methods, args.repeats, args.warmup, args.steps, fused)
+    times = timing(args.models, args.methods, args.repeats, args.warmup, args.steps, fused, args.accelerator)
     summary = {model: summarise(by_method) for model, by_method in times.items()}
     print(time_table(summary))
     if args.json:
         record = {"kind": "time", "sparsity": SPARSITY, "fused": fused, "steps": args.steps, "warmup": args.warmup}
+        record["accelerator"] = args.accelerator
         common.write_json(args.json, {**record, "seconds": times, "summary": summary}, started)
     if args.plot:
-        plot(summary, args.plot)
+        plot(summary, args.plot, "CPU" if args.accelerator == "cpu" else torch.cuda.get_device_name())
 
 
-def plot(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
+def plot(summary: dict[str, dict[str, dict[str, float]]], path: Path, where: str = "CPU") -> None:
     methods = [m for m in next(iter(summary.values())) if m != "dense"]
     fig, ax = common.new_figure(7.5, 3.4)
     width = 0.8 / len(summary)
@@ -275,7 +298,8 @@ def plot(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     labels = [m.replace("Top-KAST, ", "Top-KAST\n").replace(", ", "\n") for m in methods]
     ax.set_xticks([j + width * (len(summary) - 1) / 2 for j in range(len(methods))], labels, fontsize=7)
-    ax.set(ylabel="step time / dense", title="Step time relative to dense (CPU, bf16; ratio of medians, paired range)")
+    title = f"Step time relative to dense ({where}, bf16; ratio of medians, paired range)"
+    ax.set(ylabel="step time / dense", title=title)
     ax.legend()
     common.save_figure(fig, path)
 

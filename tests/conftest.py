@@ -26,6 +26,10 @@ if "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+# The CUDA path (sync_free, a real GradScaler) runs where a GPU is: CI has none, so these cases show as skipped there.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ACCELERATORS = ["cpu", pytest.param("gpu", marks=[needs_cuda, pytest.mark.cuda])]
+
 
 def make_loader(n: int = 64, features: int = 8, classes: int = 3, batch_size: int = 16, seed: int = 0) -> DataLoader:
     """A fixed, learnable classification set: labels from a random linear teacher."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP, make_loader, make_trainer, saved_sets
+from conftest import ACCELERATORS, MLP, make_loader, make_trainer, saved_sets
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_topkast import TopKASTCallback
@@ -15,30 +15,36 @@ from lightning_topkast import TopKASTCallback
 STEPS_PER_EPOCH = 4  # 64 samples / batch 16
 
 
-def _fit_two_epochs(tmp_path: Path, optimizer: str, with_callback: bool) -> tuple[MLP, TopKASTCallback | None, Path]:
+def _fit_two_epochs(
+    tmp_path: Path, optimizer: str, with_callback: bool, accelerator: str = "cpu"
+) -> tuple[MLP, TopKASTCallback | None, Path]:
     """An uninterrupted two-epoch run that also saves a checkpoint at the end of epoch 1."""
     callback = TopKASTCallback(update_interval=3) if with_callback else None
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     model = MLP(optimizer=optimizer)
-    trainer = make_trainer(tmp_path, [c for c in (callback, saver) if c], max_epochs=2, enable_checkpointing=True)
+    callbacks = [c for c in (callback, saver) if c]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=2, enable_checkpointing=True, accelerator=accelerator)
     trainer.fit(model, make_loader())
     return model, callback, tmp_path / "ckpt" / "epoch=0.ckpt"
 
 
-def _resume(tmp_path: Path, ckpt: Path, optimizer: str, callback: TopKASTCallback | None) -> MLP:
+def _resume(
+    tmp_path: Path, ckpt: Path, optimizer: str, callback: TopKASTCallback | None, accelerator: str = "cpu"
+) -> MLP:
     torch.manual_seed(123)  # a different initialisation: everything must come from the checkpoint
     model = MLP(optimizer=optimizer)
-    trainer = make_trainer(tmp_path / "resumed", [callback] if callback else [], max_epochs=2)
+    trainer = make_trainer(tmp_path / "resumed", [callback] if callback else [], max_epochs=2, accelerator=accelerator)
     trainer.fit(model, make_loader(), ckpt_path=ckpt)
     return model
 
 
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_resume_is_bit_exact(tmp_path: Path, optimizer: str) -> None:
+def test_resume_is_bit_exact(tmp_path: Path, optimizer: str, accelerator: str) -> None:
     # a refresh every 3 steps straddles the checkpoint at step 4, so the restored step counter matters
-    reference, reference_callback, ckpt = _fit_two_epochs(tmp_path, optimizer, with_callback=True)
+    reference, reference_callback, ckpt = _fit_two_epochs(tmp_path, optimizer, True, accelerator)
     callback = TopKASTCallback(update_interval=3)
-    resumed = _resume(tmp_path, ckpt, optimizer, callback)
+    resumed = _resume(tmp_path, ckpt, optimizer, callback, accelerator)
 
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 import torch
+from conftest import needs_cuda
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -53,9 +55,9 @@ def train_step(model: nn.Module, engine: TopKAST, opt: torch.optim.Optimizer, st
 
 
 def setup(
-    optimizer: str = "sgd", update_interval: int = 1, penalty: float = 0.0, **kwargs
+    optimizer: str = "sgd", update_interval: int = 1, penalty: float = 0.0, device: str = "cpu", **kwargs
 ) -> tuple[nn.Sequential, TopKAST, torch.optim.Optimizer]:
-    model = make_model()
+    model = make_model().to(device)
     engine = TopKAST(masked_params(model), DENSITIES, update_interval=update_interval, penalty=penalty, **kwargs)
     opt = OPTIMIZERS[optimizer](model.parameters())
     engine.attach([opt])
@@ -670,24 +672,45 @@ class _CountSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _train_counting_syncs(model: nn.Module, engine: TopKAST, opt: torch.optim.Optimizer, steps: int) -> _CountSyncs:
-    """``steps`` training steps, counting the syncing operations the engine's own code calls."""
-    counter = _CountSyncs()
+def _train_watching(
+    model: nn.Module,
+    engine: TopKAST,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    watch: Callable[[], contextlib.AbstractContextManager[object]],
+) -> None:
+    """``steps`` training steps, with the engine's own code (not the optimizer's) inside ``watch()``."""
     after_step = engine._after_step
 
-    def counted_after_step(index: int) -> None:
-        with counter:  # the optimizer's own reads (AdamW's step count) are not the engine's
+    def watched_after_step(index: int) -> None:
+        with watch():  # the optimizer's own reads (AdamW's step count) are not the engine's
             after_step(index)
 
-    engine._after_step = counted_after_step  # type: ignore[method-assign]
+    engine._after_step = watched_after_step  # type: ignore[method-assign]
+    device = next(model.parameters()).device
     for step in range(steps):
-        x, y = batch(step)
+        x, y = (t.to(device) for t in batch(step))
         F.mse_loss(model(x), y).backward()
-        with counter:
+        with watch():
             engine.before_step(opt)
         opt.step()
         opt.zero_grad()
+
+
+def _train_counting_syncs(model: nn.Module, engine: TopKAST, opt: torch.optim.Optimizer, steps: int) -> _CountSyncs:
+    """``steps`` training steps, counting the syncing operations the engine's own code calls."""
+    counter = _CountSyncs()
+    _train_watching(model, engine, opt, steps, lambda: counter)
     return counter
+
+
+@contextlib.contextmanager
+def _cuda_syncs_raise() -> Iterator[None]:
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("early_refresh", [None, 0.05])
@@ -711,6 +734,32 @@ def test_sync_free_steps_read_nothing_back_and_select_the_same_sets(
     assert host.sync_free is False
     assert device.sync_free is True
     if early_refresh is None:  # the same schedule: the same θ and sets, bit for bit
+        assert device.refreshes == host.refreshes == 8 // update_interval
+        for name, t in host.tensors.items():
+            assert torch.equal(t.theta, device.tensors[name].theta), name
+            assert torch.equal(t.code, device.tensors[name].code), name
+    assert_holds_alpha(device)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("early_refresh", [None, 0.05])
+@pytest.mark.parametrize("update_interval", [1, 3])
+def test_on_a_gpu_no_step_waits_for_the_device(update_interval: int, early_refresh: float | None) -> None:
+    """The test above on a real device, with CUDA's own check: it raises on any call of the engine's that would
+    wait for the GPU. The sets are those of the host path (``sync_free=False``) on the same device."""
+    runs = {}
+    for sync_free in (False, True):
+        model, engine, opt = setup(
+            "adamw", update_interval, penalty=0.01, device="cuda", sync_free=sync_free, early_refresh=early_refresh
+        )
+        _train_watching(model, engine, opt, 8, _cuda_syncs_raise if sync_free else contextlib.nullcontext)
+        runs[sync_free] = engine
+    host, device = runs[False], runs[True]
+    assert device.sync_free is True
+    assert all(isinstance(t.kernels, kernels.TorchKernels) for t in device.tensors.values())
+    assert device.refreshes >= 8 // update_interval  # update_interval is the longest gap
+    if early_refresh is None:
         assert device.refreshes == host.refreshes == 8 // update_interval
         for name, t in host.tensors.items():
             assert torch.equal(t.theta, device.tensors[name].theta), name

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import GAN, MLP, make_loader, make_trainer
+from conftest import ACCELERATORS, GAN, MLP, make_loader, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
@@ -175,14 +175,18 @@ def _assert_sets_equal(a: Snapshot, b: Snapshot) -> None:
 # --- 1. the invariants after every optimizer step ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw", "adamw-fused"])
 @pytest.mark.parametrize("update_interval", [1, 3])
-def test_every_step_holds_forward_weights_and_exact_sets(tmp_path: Path, update_interval: int, optimizer: str) -> None:
+def test_every_step_holds_forward_weights_and_exact_sets(
+    tmp_path: Path, update_interval: int, optimizer: str, accelerator: str
+) -> None:
     callback = TopKASTCallback(update_interval=update_interval, early_refresh=None, verbose=False)
-    recorder, trainer = _fit(tmp_path, MLP(optimizer=optimizer), callback)
+    recorder, trainer = _fit(tmp_path, MLP(optimizer=optimizer), callback, accelerator=accelerator)
     engine = _engine(callback)
 
     assert sorted(engine.tensors) == MASKED
+    assert engine.sync_free is (accelerator == "gpu")  # on a GPU no step waits for a value read back
     assert trainer.global_step == engine.steps[0] == BATCHES
     assert recorder.steps == [[step] for step in range(1, BATCHES + 1)]
     assert recorder.refreshes == [step // update_interval for step in range(1, BATCHES + 1)]
@@ -213,11 +217,15 @@ def test_every_step_holds_forward_weights_and_exact_sets(tmp_path: Path, update_
         assert torch.equal(dict(trainer.lightning_module.named_parameters())[name].detach(), s["param"]), name
 
 
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize(("optimizer", "early_refresh"), [("sgd", 0.02), ("adamw", 0.2)])
-def test_early_refresh_keeps_every_invariant(tmp_path: Path, optimizer: str, early_refresh: float) -> None:
-    """Refreshes at steps θ chooses, per tensor: each holds the top-k right after it, and sets stay put between."""
+def test_early_refresh_keeps_every_invariant(
+    tmp_path: Path, optimizer: str, early_refresh: float, accelerator: str
+) -> None:
+    """Refreshes at steps θ chooses, per tensor: each holds the top-k right after it, and sets stay put between.
+    On a GPU the test of one step decides the refresh at the next (``sync_free``): the same invariants hold."""
     callback = TopKASTCallback(update_interval=BATCHES + 1, early_refresh=early_refresh, verbose=False)
-    recorder, _ = _fit(tmp_path, MLP(optimizer=optimizer), callback)
+    recorder, _ = _fit(tmp_path, MLP(optimizer=optimizer), callback, accelerator=accelerator)
     engine = _engine(callback)
     assert 0 < engine.early_refreshes == engine.refreshes < BATCHES
     refreshed_at = {steps[0]: names for names, steps in recorder.refresh_log}
@@ -243,10 +251,13 @@ def test_early_refresh_keeps_every_invariant(tmp_path: Path, optimizer: str, ear
     ("optimizer", "state_keys"),
     [("sgd", ["momentum_buffer"]), ("adamw", ["exp_avg", "exp_avg_sq"]), ("adamw-fused", ["exp_avg", "exp_avg_sq"])],
 )
-def test_nothing_outside_backward_set_moves(tmp_path: Path, optimizer: str, state_keys: list[str]) -> None:
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_nothing_outside_backward_set_moves(
+    tmp_path: Path, optimizer: str, state_keys: list[str], accelerator: str
+) -> None:
     callback = TopKASTCallback(update_interval=3, early_refresh=None, verbose=False)
     model = Spy(optimizer=optimizer)
-    recorder, _ = _fit(tmp_path, model, callback)
+    recorder, _ = _fit(tmp_path, model, callback, accelerator=accelerator)
     engine = _engine(callback)
 
     assert len(recorder.before) == len(model.at_clipping) == len(recorder.after) == BATCHES
@@ -390,7 +401,8 @@ def test_exploration_set_gets_straight_through_gradients_and_grows_into_forward_
 @pytest.mark.parametrize(
     ("decoupled", "precision"), [(False, "32"), (True, "32"), (False, "16-mixed-scaler"), (False, "bf16-mixed")]
 )
-def test_exploration_penalty_step_is_exact(tmp_path: Path, decoupled: bool, precision: str) -> None:
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_exploration_penalty_step_is_exact(tmp_path: Path, decoupled: bool, precision: str, accelerator: str) -> None:
     """Under a GradScaler too: the penalty's gradient is added after unscaling, so the loss scale does not touch it."""
     lr, strength = 0.5, 0.1
     callback = TopKASTCallback(
@@ -402,12 +414,13 @@ def test_exploration_penalty_step_is_exact(tmp_path: Path, decoupled: bool, prec
         verbose=False,
     )
     model = Spy(optimizer="plain", lr=lr, zero_loss=True)
+    device = "cuda" if accelerator == "gpu" else "cpu"
     amp: dict[str, Any] = {
         "32": {},
         "bf16-mixed": {"precision": "bf16-mixed"},
-        "16-mixed-scaler": {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]},
+        "16-mixed-scaler": {"plugins": [MixedPrecision("16-mixed", device, scaler=torch.amp.GradScaler(device))]},
     }[precision]
-    recorder, _ = _fit(tmp_path, model, callback, max_steps=1, **amp)
+    recorder, _ = _fit(tmp_path, model, callback, max_steps=1, accelerator=accelerator, **amp)
 
     assert recorder.steps == [[1]]
     for name in MASKED:
@@ -629,12 +642,15 @@ def test_fp16_on_cpu_is_bf16(tmp_path: Path) -> None:
     assert trainer.precision == "bf16-mixed"
 
 
-def test_grad_scaler_skipped_step_restores_forward_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_grad_scaler_skipped_step_restores_forward_weights(tmp_path: Path, accelerator: str) -> None:
     skipped = 3
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    scaler = torch.amp.GradScaler(device, init_scale=1024.0)
     callback = TopKASTCallback(update_interval=1, verbose=False)
     model = InfAt(batch=skipped)
-    recorder, trainer = _fit(tmp_path, model, callback, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    plugins = [MixedPrecision("16-mixed", device, scaler=scaler)]
+    recorder, trainer = _fit(tmp_path, model, callback, plugins=plugins, accelerator=accelerator)
     engine = _engine(callback)
 
     assert scaler.get_scale() == 512.0  # the scaler skipped exactly one step
