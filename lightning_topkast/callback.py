@@ -305,6 +305,7 @@ class TopKASTCallback(Callback):
                 rank_zero_warn(note)
         engine, self._plan = self.engine, plan
         if engine is not None and _same_tensors(engine, plan):
+            engine.follow_parameters()  # a module the last fit left on the CPU is back on its GPU
             if _holds_forward_weights(engine):
                 return
             rank_zero_info(
@@ -441,6 +442,7 @@ class TopKASTCallback(Callback):
             self._flops.pause()
         if self.engine is not None:
             self.engine.detach()
+            self.engine.follow_parameters()  # Lightning's teardown moved the module to the CPU: free the GPU too
 
     def _require_engine(self) -> TopKAST:
         if self.engine is None:

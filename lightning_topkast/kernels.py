@@ -227,9 +227,12 @@ def _bit(code: Tensor, bit: int) -> Tensor:
 def _per_set(code: Tensor, on_a: float, on_exploring: float, like: Tensor) -> Tensor:
     r"""``on_a`` on A, ``on_exploring`` on B \ A, 0 outside B, in ``like``'s dtype.
 
-    A table lookup: a Python scalar in ``torch.where`` would make float32 values of fp64 coefficients.
+    A table lookup: a Python scalar in ``torch.where`` would make float32 values of fp64 coefficients. The table
+    is filled on the device: ``torch.tensor`` of a list would copy from the host, which waits on a GPU.
     """
-    table = torch.tensor([0.0, on_exploring, 0.0, on_a], dtype=like.dtype, device=like.device)
+    table = torch.zeros(4, dtype=like.dtype, device=like.device)
+    table.select(0, B_BIT).fill_(on_exploring)
+    table.select(0, A_BIT | B_BIT).fill_(on_a)
     return table[(code & (A_BIT | B_BIT)).long()]
 
 

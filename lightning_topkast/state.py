@@ -121,7 +121,7 @@ class _Unit:
     backward: Any = None
     since_refresh: int = 0
     spacing: tuple[float | None, float | None] = (None, None)  # score units per entry near A's and B's thresholds
-    early_flag: Tensor | None = None  # without host syncs: the early-refresh test of the last step, read one late
+    early_flag: _HostCopy | None = None  # without host syncs: the early-refresh test of the last step, read one late
     size: int = field(init=False)
     mantissa: int = field(init=False)  # of θ's dtype: a score step of 2 ** mantissa doubles |θ|
     top: int = field(init=False)  # the score of inf
@@ -169,16 +169,11 @@ class TopKAST:
         compiled: bool | None = None,
         sync_free: bool | None = None,
     ) -> None:
-        if sync_free is None:
-            sync_free = any(p.device.type == "cuda" for p in params.values())
-        self.sync_free = sync_free
+        self._sync_free, self._compiled = sync_free, compiled  # as asked: None follows the device
+        self.sync_free = _on_cuda(params.values()) if sync_free is None else sync_free
         self.tensors = {
             name: MaskedTensor(
-                name,
-                param,
-                *densities[name],
-                in_global_pool=name in global_pool,
-                kernels=kernels.TorchKernels() if sync_free else kernels.for_tensor(param, compiled),
+                name, param, *densities[name], in_global_pool=name in global_pool, kernels=self._kernels_for(param)
             )
             for name, param in params.items()
         }
@@ -206,6 +201,27 @@ class TopKAST:
         with torch.no_grad():
             for unit in self.units:
                 self._select(unit)
+
+    def _kernels_for(self, param: Tensor) -> kernels.Kernels:
+        return kernels.TorchKernels() if self.sync_free else kernels.for_tensor(param, self._compiled)
+
+    @torch.no_grad()
+    def follow_parameters(self) -> bool:
+        """Move θ, the set bytes and the thresholds to the parameters' devices; returns whether anything moved.
+
+        Lightning moves a module to the CPU at the end of a fit and back to the GPU at the next.
+        """
+        if all(t.theta.device == t.param.device for t in self.tensors.values()):
+            return False
+        state = self.state_dict()
+        if self._sync_free is None:
+            self.sync_free = _on_cuda(t.param for t in self.tensors.values())
+        for tensor in self.tensors.values():
+            tensor.theta = torch.empty_like(tensor.theta, device=tensor.param.device)
+            tensor.code = torch.empty_like(tensor.code, device=tensor.param.device)
+            tensor.kernels = self._kernels_for(tensor.param)
+        self.load_state_dict(state)  # copies across devices, thresholds as the new path holds them
+        return True
 
     # --- optimizer wiring -------------------------------------------------------------------------------------
 
@@ -350,7 +366,7 @@ class TopKAST:
         if self.early_refresh is not None and counts is not None:
             if self.sync_free:  # decide on the last step's test, whose value has long reached the host
                 flag, unit.early_flag = unit.early_flag, self._early_test(unit, counts[4])
-                early = flag is not None and bool(flag.tolist())
+                early = flag is not None and flag.read()
             else:
                 early = self._early_test(unit, counts.explorers_above)
         if unit.since_refresh >= self.update_interval:
@@ -556,7 +572,7 @@ class TopKAST:
                     "forward_threshold": _plain(unit.forward),
                     "backward_threshold": _plain(unit.backward),
                     "since_refresh": unit.since_refresh,
-                    "early_flag": None if unit.early_flag is None else bool(unit.early_flag.tolist()),
+                    "early_flag": None if unit.early_flag is None else unit.early_flag.read(),
                 }
                 for unit in self.units
             ],
@@ -600,7 +616,7 @@ class TopKAST:
             )
             unit.since_refresh = int(saved["since_refresh"])
             flag = saved["early_flag"]
-            unit.early_flag = None if flag is None else torch.tensor(flag)
+            unit.early_flag = None if flag is None else _HostCopy(torch.tensor(flag))
             if self.sync_free:
                 for tensor in unit.tensors:
                     tensor.forward_size = torch.tensor(tensor.forward_size, device=device)
@@ -640,12 +656,33 @@ def _add(total: Any, counts: Any) -> Any:
     return FinishCounts(*(a + b for a, b in zip(total, counts, strict=True)))
 
 
-def _to_host(flag: Tensor) -> Tensor:
-    # on a GPU: a copy into pinned memory that completes while the device runs on; read it a step later
+@dataclass(eq=False)
+class _HostCopy:
+    """A device value on its way to the host: read a step later, when its copy has long finished."""
+
+    value: Tensor
+    copied: torch.cuda.Event | None = None
+
+    def read(self) -> bool:
+        if self.copied is not None and not self.copied.query():
+            # waits only where the host runs more than a step ahead of the device: then the copy is not done
+            self.copied.synchronize()
+        return bool(self.value.tolist())
+
+
+def _to_host(flag: Tensor) -> _HostCopy:
+    # on a GPU: a copy into pinned memory that completes while the device runs on
     if flag.device.type == "cpu":
-        return flag.clone()
+        return _HostCopy(flag.clone())
     host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-    return host.copy_(flag, non_blocking=True)
+    host.copy_(flag, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return _HostCopy(host, copied)
+
+
+def _on_cuda(params: Iterable[Tensor]) -> bool:
+    return any(p.device.type == "cuda" for p in params)
 
 
 def _plain(threshold: Any) -> list[int]:

@@ -213,8 +213,10 @@ def test_every_step_holds_forward_weights_and_exact_sets(
 
     _assert_invariants(recorder.end, engine)
     for name, s in recorder.end.items():
-        assert torch.equal(s["theta"], recorder.after[-1][name]["theta"]), name
+        assert torch.equal(s["theta"], recorder.after[-1][name]["theta"].cpu()), name
         assert torch.equal(dict(trainer.lightning_module.named_parameters())[name].detach(), s["param"]), name
+    for t in engine.tensors.values():  # Lightning's teardown put the module on the CPU, and the engine followed it
+        assert t.param.device.type == t.theta.device.type == t.code.device.type == "cpu"
 
 
 @pytest.mark.parametrize("accelerator", ACCELERATORS)
@@ -281,10 +283,10 @@ def test_nothing_outside_backward_set_moves(
                 assert not state[name][key][~new_B].any(), (step, name, key)
                 assert state[name][key][new_B].count_nonzero() > 0, (step, name, key)
     # dense θ between refreshes: the values outside every B seen never changed from the start
-    never_in_b = ~torch.stack([s["B"] for s in [b["net.2.weight"] for b in recorder.before]]).any(0)
+    never_in_b = ~torch.stack([s["B"] for s in [b["net.2.weight"] for b in recorder.before]]).any(0).cpu()
     assert never_in_b.any()
-    assert torch.equal(
-        recorder.end["net.2.weight"]["theta"][never_in_b], recorder.start["net.2.weight"]["theta"][never_in_b]
+    assert torch.equal(  # on the CPU, where the fit's end left the module and θ
+        recorder.end["net.2.weight"]["theta"][never_in_b], recorder.start["net.2.weight"]["theta"].cpu()[never_in_b]
     )
     _assert_invariants(recorder.end, engine)
 
@@ -541,15 +543,16 @@ def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
             assert torch.equal(after[name]["theta"][~B], previous[name]["theta"][~B]), (batch, name)
 
 
-def test_two_fits_in_a_row_continue_masks_and_counters(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_two_fits_in_a_row_continue_masks_and_counters(tmp_path: Path, accelerator: str) -> None:
     callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
     model = MLP()
-    first, _ = _fit(tmp_path, model, callback, max_steps=3)
+    first, _ = _fit(tmp_path, model, callback, max_steps=3, accelerator=accelerator)
     engine = _engine(callback)
     assert engine.steps == [3]
 
     recorder = Recorder(callback)
-    trainer = make_trainer(tmp_path / "second", [callback, recorder], max_steps=4)
+    trainer = make_trainer(tmp_path / "second", [callback, recorder], max_steps=4, accelerator=accelerator)
     trainer.fit(model, _loader())
 
     assert callback.engine is engine
@@ -561,8 +564,9 @@ def test_two_fits_in_a_row_continue_masks_and_counters(tmp_path: Path) -> None:
     assert [steps for _, steps in recorder.refresh_log] == [[4], [6]]
     for name in MASKED:
         end, start = first.end[name], recorder.start[name]
-        for key in ("theta", "A", "B", "ever", "param"):
-            assert torch.equal(start[key], end[key]), (name, key)
+        for key in ("theta", "A", "B", "ever", "param"):  # from the CPU, where the first fit ended, to the device
+            assert start[key].device == trainer.strategy.root_device, (name, key)
+            assert torch.equal(start[key].cpu(), end[key]), (name, key)
         # θ outside A is not in the model (which holds α) yet came through: it lives in the callback
         assert start["theta"][~start["A"]].count_nonzero() > 0
         assert not start["param"][~start["A"]].any()
