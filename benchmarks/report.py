@@ -102,7 +102,32 @@ def headline_overhead() -> str:
     return "\n".join(lines) + "\n\n" + source("overhead.json")
 
 
+def gpu_overhead() -> str:
+    """Step time on a GPU: the last device run (the code the docs describe) and the one before its fixes."""
+    record = load("overhead_gpu.json")
+    before, now = record["runs"][0], record["runs"][-1]
+    lines = [
+        "| model | method | ms per step (median) | ratio of medians to dense | runs "
+        f"| before `{before['commit'][:7]}`: ms (ratio) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, rows in now["summary"].items():
+        old_rows = before["summary"][model]
+        for method in dict.fromkeys([*old_rows, *rows]):  # ModelPruning ran in the first call only
+            r, old = rows.get(method), old_rows.get(method)
+            cells = [f"{r['median_ms']:.2f}", f"{r['ratio_of_medians']:.2f}", str(r["runs"])] if r else ["", "", ""]
+            cells.append(f"{old['median_ms']:.2f} ({old['ratio_of_medians']:.2f})" if old else "")
+            lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
+    p = record["provenance"]
+    return (
+        "\n".join(lines)
+        + f"\n\nSource: [`overhead_gpu.json`](../benchmarks/results/overhead_gpu.json) (commit `{now['commit'][:7]}`, "
+        + f"{p['gpu']}, torch {p['versions']['torch']}, {p['date']}; {record['source']})."
+    )
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "overhead-gpu": gpu_overhead,
     "overhead": lambda: overhead.time_table(load("overhead.json")["summary"]) + "\n\n" + source("overhead.json"),
     "memory": lambda: overhead.memory_table(load("memory.json")["runs"]) + "\n\n" + source("memory.json"),
     "refresh": lambda: (
