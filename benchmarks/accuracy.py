@@ -601,21 +601,25 @@ def report(tasks: list[str], out: Path, plots: bool = True) -> None:
 def with_other_seeds(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     """``record`` plus the runs of ``path`` on seeds it does not hold, so seeds can be added one run at a time.
 
-    Only runs of the same configuration join; each earlier run's seeds, provenance and wall time are kept under
-    ``earlier``.
+    Only runs of the same configuration join (every key of the record but its runs, wall time and provenance);
+    each earlier run's seeds, provenance and wall time are kept under ``earlier``.
     """
     if not path.exists():
         return record
     saved = json.loads(path.read_text())
     seeds = {r["seed"] for r in record["runs"]}
     kept = [r for r in saved["runs"] if r["seed"] not in seeds]
-    if not kept or saved["config"] != record["config"] or saved["quick"] != record["quick"]:
+    if not kept or _configuration(saved) != _configuration(record):
         return record
     earlier = [e for e in saved.get("earlier", []) if set(e["seeds"]) - seeds]
     own = {"seeds": sorted({r["seed"] for r in kept} - {s for e in earlier for s in e["seeds"]})}
     if own["seeds"]:
         earlier.append({**own, "wall_seconds": saved["wall_seconds"], "provenance": saved["provenance"]})
     return {**record, "runs": sorted(kept + record["runs"], key=lambda r: r["seed"]), "earlier": earlier}
+
+
+def _configuration(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in ("runs", "wall_seconds", "provenance", "earlier")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -149,14 +149,15 @@ def main() -> None:
     start = time.perf_counter()
     results = accuracy.execute(plan(tasks, args.seeds, lrs), args)
     wall = time.perf_counter() - start
-    for task in tasks:
-        print("\n" + table(task, [r for r in results if r["task"] == task]) + "\n")
     print(f"wall time {wall / 60:.1f} min on {args.workers} workers x {args.threads} threads")
     if args.json:
         configs = {task: accuracy.asdict(accuracy.TASKS[task]) for task in tasks}
-        common.write_json(
-            args.json, {"wall_seconds": wall, "early_refresh": EARLY, "configs": configs, "runs": results}, started
-        )
+        record = {"wall_seconds": wall, "early_refresh": EARLY, "configs": configs, "runs": results}
+        record = accuracy.with_other_seeds(args.json, record)  # seeds run before stay, with their provenance
+        common.write_json(args.json, record, started)
+        results = record["runs"]
+    for task in tasks:
+        print("\n" + table(task, [r for r in results if r["task"] == task]) + "\n")
     if args.plot:
         plot(results, tasks, args.plot)
 

@@ -128,7 +128,9 @@ def main() -> None:
         results = accuracy.execute(plan(args.seeds, lrs, vocab), args)
         if args.json:
             record = {"wall_seconds": time.perf_counter() - start, "sparsity": SPARSITY, "runs": results}
+            record = accuracy.with_other_seeds(args.json, record)  # seeds run before stay, with their provenance
             common.write_json(args.json, record, started)
+            results = record["runs"]
     print(table(results))
     if args.plot:
         plot(results, args.plot)
