@@ -618,8 +618,11 @@ def with_other_seeds(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "runs": sorted(kept + record["runs"], key=lambda r: r["seed"]), "earlier": earlier}
 
 
-def _configuration(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k not in ("runs", "wall_seconds", "provenance", "earlier")}
+def _configuration(record: dict[str, Any]) -> Any:
+    # as JSON holds it: a fresh record's tuples are the saved one's lists
+    return json.loads(
+        json.dumps({k: v for k, v in record.items() if k not in ("runs", "wall_seconds", "provenance", "earlier")})
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,7 +62,9 @@ def test_seeds_run_later_join_the_saved_ones_with_their_own_provenance(tmp_path:
 
     def record(seeds: list[int], commit: str) -> dict:
         runs = [{"seed": s, "method": "dense", "metric": 0.5 + s} for s in seeds]
-        return {"wall_seconds": 1.0, "config": {"steps": 10}, "quick": False, "runs": runs, "provenance": commit}
+        # a tuple, as the dataclass of a fresh record gives it; the saved file holds a list
+        config = {"steps": 10, "tune_lrs": (0.1, 0.3)}
+        return {"wall_seconds": 1.0, "config": config, "quick": False, "runs": runs, "provenance": commit}
 
     path = tmp_path / "accuracy_images.json"
     path.write_text(json.dumps(record([0], "first")))
