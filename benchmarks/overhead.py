@@ -97,16 +97,20 @@ class StepClock(L.Callback):
             trainer.should_stop = True
 
 
-def run(
-    model_name: str, method: str, warmup: int, steps: int, fused: bool = True, accelerator: str = "cpu"
-) -> dict[str, float]:
-    """One training run: seconds per optimizer step over the timed window, and the callback's bytes per weight."""
+def train(
+    model_name: str,
+    method: str,
+    warmup: int,
+    steps: int,
+    probe: L.Callback,
+    fused: bool = True,
+    accelerator: str = "cpu",
+) -> list[L.Callback]:
+    """Train ``model_name`` with ``method`` for ``warmup + steps + 1`` optimizer steps, ``probe`` (a clock, a
+    profiler) listed after the method's callbacks, which are returned."""
     L.seed_everything(0, verbose=False)
-    scale = STEPS_SCALE.get(model_name, 1)
-    warmup, steps = warmup * scale, steps * scale
     total = warmup + steps + 1
     config = dict(METHODS[method])
-    clock = StepClock(warmup, steps)
     callbacks = common.method_callbacks(config.pop("name"), SPARSITY, total_steps=10 * total, prune_epochs=1, **config)
     trainer = L.Trainer(
         max_steps=total,
@@ -118,9 +122,19 @@ def run(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[*callbacks, clock],
+        callbacks=[*callbacks, probe],
     )
     trainer.fit(make_model(model_name, 10 * total, fused), make_batches(model_name, warmup))
+    return callbacks
+
+
+def run(
+    model_name: str, method: str, warmup: int, steps: int, fused: bool = True, accelerator: str = "cpu"
+) -> dict[str, float]:
+    """One training run: seconds per optimizer step over the timed window, and the callback's bytes per weight."""
+    scale = STEPS_SCALE.get(model_name, 1)
+    clock = StepClock(warmup * scale, steps * scale)
+    callbacks = train(model_name, method, warmup * scale, steps * scale, clock, fused, accelerator)
     engine = getattr(callbacks[0], "engine", None) if callbacks else None
     per_weight = float("nan")
     if engine is not None:

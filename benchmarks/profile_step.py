@@ -19,7 +19,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
 import overhead
 
 
@@ -50,25 +49,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
 
-    L.seed_everything(0, verbose=False)
     gpu = args.accelerator == "gpu"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]
     profiler = StepProfiler(args.warmup, args.steps, activities)
-    total = args.warmup + args.steps + 1
-    config = dict(overhead.METHODS[args.method])
-    callbacks = common.method_callbacks(config.pop("name"), overhead.SPARSITY, total_steps=10 * total, **config)
-    trainer = L.Trainer(
-        max_steps=total,
-        precision="bf16-mixed",
-        accelerator=args.accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[*callbacks, profiler],
-    )
-    trainer.fit(overhead.make_model(args.model, 10 * total), overhead.make_batches(args.model, total))
+    overhead.train(args.model, args.method, args.warmup, args.steps, profiler, accelerator=args.accelerator)
     events = profiler.profiler.key_averages()
     print(f"{args.model}, {args.method}, {args.accelerator}: {args.steps} steps profiled")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
