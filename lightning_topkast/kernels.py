@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Sequence
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -227,13 +227,19 @@ def _bit(code: Tensor, bit: int) -> Tensor:
 def _per_set(code: Tensor, on_a: float, on_exploring: float, like: Tensor) -> Tensor:
     r"""``on_a`` on A, ``on_exploring`` on B \ A, 0 outside B, in ``like``'s dtype.
 
-    A table lookup: a Python scalar in ``torch.where`` would make float32 values of fp64 coefficients. The table
-    is filled on the device: ``torch.tensor`` of a list would copy from the host, which waits on a GPU.
+    A table lookup: a Python scalar in ``torch.where`` would make float32 values of fp64 coefficients.
     """
-    table = torch.zeros(4, dtype=like.dtype, device=like.device)
+    return _set_table(on_a, on_exploring, like.dtype, like.device)[(code & (A_BIT | B_BIT)).long()]
+
+
+@lru_cache(maxsize=32)
+def _set_table(on_a: float, on_exploring: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # built once per coefficients, not at every step; filled on the device, since ``torch.tensor`` of a list would
+    # copy from the host, which waits on a GPU
+    table = torch.zeros(4, dtype=dtype, device=device)
     table.select(0, B_BIT).fill_(on_exploring)
     table.select(0, A_BIT | B_BIT).fill_(on_a)
-    return table[(code & (A_BIT | B_BIT)).long()]
+    return table
 
 
 # --- torch operations ----------------------------------------------------------------------------------------------

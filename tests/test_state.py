@@ -713,6 +713,17 @@ def _cuda_syncs_raise() -> Iterator[None]:
         torch.cuda.set_sync_debug_mode("default")
 
 
+def _assert_same_as_host_path(
+    host: TopKAST, device: TopKAST, update_interval: int, early_refresh: float | None, steps: int = 8
+) -> None:
+    if early_refresh is None:  # the same schedule: the same θ and sets, bit for bit
+        assert device.refreshes == host.refreshes == steps // update_interval
+        for name, t in host.tensors.items():
+            assert torch.equal(t.theta, device.tensors[name].theta), name
+            assert torch.equal(t.code, device.tensors[name].code), name
+    assert_holds_alpha(device)
+
+
 @pytest.mark.parametrize("early_refresh", [None, 0.05])
 @pytest.mark.parametrize("update_interval", [1, 3])
 def test_sync_free_steps_read_nothing_back_and_select_the_same_sets(
@@ -733,12 +744,7 @@ def test_sync_free_steps_read_nothing_back_and_select_the_same_sets(
     host, device = runs[False], runs[True]
     assert host.sync_free is False
     assert device.sync_free is True
-    if early_refresh is None:  # the same schedule: the same θ and sets, bit for bit
-        assert device.refreshes == host.refreshes == 8 // update_interval
-        for name, t in host.tensors.items():
-            assert torch.equal(t.theta, device.tensors[name].theta), name
-            assert torch.equal(t.code, device.tensors[name].code), name
-    assert_holds_alpha(device)
+    _assert_same_as_host_path(host, device, update_interval, early_refresh)
 
 
 @needs_cuda
@@ -759,12 +765,7 @@ def test_on_a_gpu_no_step_waits_for_the_device(update_interval: int, early_refre
     assert device.sync_free is True
     assert all(isinstance(t.kernels, kernels.TorchKernels) for t in device.tensors.values())
     assert device.refreshes >= 8 // update_interval  # update_interval is the longest gap
-    if early_refresh is None:
-        assert device.refreshes == host.refreshes == 8 // update_interval
-        for name, t in host.tensors.items():
-            assert torch.equal(t.theta, device.tensors[name].theta), name
-            assert torch.equal(t.code, device.tensors[name].code), name
-    assert_holds_alpha(device)
+    _assert_same_as_host_path(host, device, update_interval, early_refresh)
 
 
 def test_sync_free_early_refresh_acts_one_step_after_its_test() -> None:
