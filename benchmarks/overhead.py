@@ -7,11 +7,12 @@
 Three models, trained with bf16 autocast on synthetic batches of the real shapes (the data do not change the cost):
 LeNet-300-100 at batch 128 (a ~4 ms step, where fixed per-step costs show), a CNN on 28x28 images and a
 character-level Transformer language model (:mod:`common`'s, made bigger: dense steps of ~80 and ~120 ms), the LM
-with ``AdamW(fused=True)``, which the callback advises on CPU (``--unfused`` for torch's default). Methods, all at
-80% sparsity on the same tensors: dense; Top-KAST 80/50 refreshing every step (``update_interval=1``), at most
-every 100 steps with the early refresh (``early_refresh=0.01``, the defaults) and without it; Lightning's
-``ModelPruning`` (already pruned: its per-step cost is the mask multiply of ``torch.nn.utils.prune``); rigl-torch
-(``delta`` 100).
+with ``AdamW(fused=True)``, which the callback advises on CPU (``--unfused`` for torch's default); for GPUs also
+``llm``, a language model of GPT-2-small's size (127M parameters, 145 masked tensors, 32 sequences of 1,024
+tokens). Methods, all at 80% sparsity on the same tensors: dense; Top-KAST 80/50 refreshing every step
+(``update_interval=1``), at most every 100 steps with the early refresh (``early_refresh=0.01``, the defaults) and
+without it; Lightning's ``ModelPruning`` (already pruned: its per-step cost is the mask multiply of
+``torch.nn.utils.prune``); rigl-torch (``delta`` 100).
 
 Each run trains ``--warmup`` steps (one epoch; ModelPruning prunes at its end), then times the next ``--steps``
 optimizer steps from batch start to batch start, so everything between (refreshes, RigL updates, epoch ends)
@@ -49,13 +50,38 @@ METHODS: dict[str, dict[str, Any]] = {
     "RigL (rigl-torch)": {"name": "rigl"},
 }
 DEFAULT_METHODS = [m for m in METHODS if m != "Top-KAST, interval 100, no early refresh"]  # that one on request
-MODELS = ("lenet", "cnn", "lm")
+MODELS = ("lenet", "cnn", "lm", "llm")
 VOCAB = 80  # the size of the King James Bible's character set
-# LeNet's step is ~50x shorter: more steps keep its timed window (and its share of refreshes) comparable
-STEPS_SCALE = {"lenet": 10}
+LLM_VOCAB, LLM_CONTEXT, LLM_BATCH = 50257, 1024, 32  # GPT-2's vocabulary and context; a batch that fills a GPU
+# LeNet's step is ~50x shorter: more steps keep its timed window (and its share of refreshes) comparable; the
+# LLM's is ~100x longer on a GPU: fewer
+STEPS_SCALE = {"lenet": 10.0, "llm": 0.4}
+
+
+class LLM(common.CharLM):
+    """GPT-2-small's size as a language model (127M parameters: 24 layers of width 512, GPT-2's vocabulary,
+    separate query, key and value projections), so that 145 tensors are masked, as many as real LLMs have."""
+
+    def __init__(self, total_steps: int, fused: bool = True) -> None:
+        super().__init__(LLM_VOCAB, total_steps, d_model=512, n_layers=24, n_heads=8, context=LLM_CONTEXT, fused=fused)
+        for block in self.model.blocks:
+            block.qkv = SeparateQKV(512)
+
+
+class SeparateQKV(torch.nn.Module):
+    """Three projections where :class:`common.Block` has one: the same function, three masked tensors."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
 
 def make_model(model: str, total_steps: int, fused: bool = True) -> L.LightningModule:
+    if model == "llm":
+        return LLM(total_steps, fused)
     if model == "lenet":
         return common.ImageClassifier(total_steps, arch="lenet")
     if model == "cnn":
@@ -70,6 +96,9 @@ def make_batches(model: str, batches: int) -> DataLoader:
         data = TensorDataset(
             torch.randn(batches * batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batches * batch,), generator=g)
         )
+    elif model == "llm":
+        batch = LLM_BATCH
+        data = TensorDataset(torch.randint(0, LLM_VOCAB, (batches * batch, LLM_CONTEXT + 1), generator=g))
     else:
         batch = 16
         data = TensorDataset(torch.randint(0, VOCAB, (batches * batch, 65), generator=g))
@@ -132,9 +161,9 @@ def run(
     model_name: str, method: str, warmup: int, steps: int, fused: bool = True, accelerator: str = "cpu"
 ) -> dict[str, float]:
     """One training run: seconds per optimizer step over the timed window, and the callback's bytes per weight."""
-    scale = STEPS_SCALE.get(model_name, 1)
-    clock = StepClock(warmup * scale, steps * scale)
-    callbacks = train(model_name, method, warmup * scale, steps * scale, clock, fused, accelerator)
+    warmup, steps = (max(1, round(n * STEPS_SCALE.get(model_name, 1.0))) for n in (warmup, steps))
+    clock = StepClock(warmup, steps)
+    callbacks = train(model_name, method, warmup, steps, clock, fused, accelerator)
     engine = getattr(callbacks[0], "engine", None) if callbacks else None
     per_weight = float("nan")
     if engine is not None:

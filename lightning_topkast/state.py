@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_topkast import kernels, selection
+from lightning_topkast import kernels, selection, triton_kernels
+from lightning_topkast.device import FlatGroup, to_device
 from lightning_topkast.kernels import A_BIT, B_BIT, EVER_BIT, FinishCounts, Threshold
 
 STATE_VERSION = 2
@@ -121,7 +122,8 @@ class _Unit:
     backward: Any = None
     since_refresh: int = 0
     spacing: tuple[float | None, float | None] = (None, None)  # score units per entry near A's and B's thresholds
-    early_flag: _HostCopy | None = None  # without host syncs: the early-refresh test of the last step, read one late
+    # without host syncs: the early-refresh test of the last step, read one late
+    early_flag: _HostCopy | _HostEntry | None = None
     size: int = field(init=False)
     mantissa: int = field(init=False)  # of θ's dtype: a score step of 2 ** mantissa doubles |θ|
     top: int = field(init=False)  # the score of inf
@@ -198,6 +200,8 @@ class TopKAST:
         self._pending: set[str] = set()
         self._unchecked: set[int] = set()
         self._depth: list[int] = []  # step() calls in progress per optimizer: a subclass's step may call super's
+        self._flat: dict[int, list[FlatGroup]] = {}  # per optimizer, without host syncs: its tensors' flat groups
+        self.batched_passes = True  # without host syncs: a pass per flat group (False: per tensor, as the CPU path)
         with torch.no_grad():
             for unit in self.units:
                 self._select(unit)
@@ -220,7 +224,11 @@ class TopKAST:
             tensor.theta = torch.empty_like(tensor.theta, device=tensor.param.device)
             tensor.code = torch.empty_like(tensor.code, device=tensor.param.device)
             tensor.kernels = self._kernels_for(tensor.param)
+        if self._flat:
+            self._flat = {}  # rebuilt on the new device below, before the state is loaded into them
         self.load_state_dict(state)  # copies across devices, thresholds as the new path holds them
+        if self.attached and self.sync_free and self.batched_passes:
+            self._flat = self._flat_groups()
         return True
 
     # --- optimizer wiring -------------------------------------------------------------------------------------
@@ -237,6 +245,7 @@ class TopKAST:
                 self._groups[owner[id(tensor.param)]].append(tensor)
                 self._owner[tensor.name] = optimizers[owner[id(tensor.param)]]
         self.steps += [0] * (len(optimizers) - len(self.steps))
+        self._flat = self._flat_groups() if self.sync_free and self.batched_passes else {}
         self._unchecked = set(range(len(optimizers)))
         self._depth = [0] * len(optimizers)
         for i, opt in enumerate(optimizers):
@@ -244,6 +253,26 @@ class TopKAST:
             # fires them twice: the update is done when the outermost call returns
             self._handles.append(opt.register_step_pre_hook(lambda opt, args, kwargs, i=i: self._enter_step(i)))
             self._handles.append(opt.register_step_post_hook(lambda opt, args, kwargs, i=i: self._leave_step(i)))
+
+    def _flat_groups(self) -> dict[int, list[FlatGroup]]:
+        """Per optimizer, its units by dtype and device, each in one flat buffer: a pass per group, not per tensor.
+
+        A unit whose tensors two optimizers step, or of mixed dtypes or devices, stays on the per-tensor passes.
+        """
+        buckets: dict[tuple[int, torch.dtype, torch.device], list[_Unit]] = {}
+        for unit in self.units:
+            owners = {id(self._owner.get(t.name)) for t in unit.tensors}
+            kinds = {(t.theta.dtype, t.theta.device) for t in unit.tensors}
+            owner = self._owner.get(unit.tensors[0].name)
+            if owner is None or len(owners) > 1 or len(kinds) > 1:
+                continue
+            index = next(i for i, opt in enumerate(self._optimizers) if opt is owner)
+            buckets.setdefault((index, *kinds.pop()), []).append(unit)
+        groups: dict[int, list[FlatGroup]] = {}
+        for (index, _, device), units in buckets.items():
+            fused = triton_kernels.available(device)
+            groups.setdefault(index, []).append(triton_kernels.TritonGroup(units) if fused else FlatGroup(units))
+        return groups
 
     @property
     def attached(self) -> bool:
@@ -255,7 +284,13 @@ class TopKAST:
         self.restore_forward_weights()
         for handle in self._handles:
             handle.remove()
-        self._handles, self._groups, self._optimizers, self._owner = [], [], [], {}
+        self._handles, self._groups, self._optimizers, self._owner, self._flat = [], [], [], {}, {}
+
+    def _adopt_thresholds(self) -> None:
+        """Flat groups take their units' thresholds anew, after a per-unit selection or a load replaced them."""
+        for groups in self._flat.values():
+            for batch in groups:
+                batch.adopt_thresholds()
 
     def _index(self, optimizer: Optimizer) -> int:
         for i, opt in enumerate(self._optimizers):
@@ -273,14 +308,22 @@ class TopKAST:
         self._restore(group)
         penalty = 0.0 if self.decoupled_penalty else self.penalty
         for tensor in group:
-            grad = tensor.param.grad
-            if grad is None:
-                continue  # unused this step: the optimizer skips it too
-            if grad.is_sparse:
+            if tensor.param.grad is not None and tensor.param.grad.is_sparse:
                 raise TypeError(
                     f"{tensor.name} has a sparse gradient (nn.Embedding(sparse=True)); Top-KAST masks dense "
                     "gradients: build the embedding with sparse=False or exclude it"
                 )
+        flat = self._flat.get(index, [])
+        for batch in flat:
+            grads = [t.param.grad for t in batch.tensors]
+            if any(g is not None for g in grads):
+                batch.prepare(grads, self._coefficients(batch, [penalty] * len(grads)) if penalty else None)
+                self._pending.update(t.name for t in batch.tensors)
+        batched = {t.name for batch in flat for t in batch.tensors}
+        for tensor in group:
+            grad = tensor.param.grad
+            if grad is None or tensor.name in batched:
+                continue  # unused this step: the optimizer skips it too
             # θ on B goes into the parameter so the update applies to the true values of B \ A; zeros outside B
             # keep element-wise optimizers from creating state there. The penalty's gradient λ·c·θ is taken
             # through the parameter, so a weight outside B that a bf16 step made NaN adds no NaN.
@@ -306,26 +349,97 @@ class TopKAST:
                 "Under Lightning, step through the LightningOptimizer (self.optimizers()), not its .optimizer"
             )
         self.steps[index] += 1
+        zero_state = index in self._unchecked or type(self._optimizers[index]) not in _STATE_STAYS_ZERO
+        moved: dict[str, tuple[Any, Any]] = {}
+        reasons: list[str] = []
+        flat = self._flat.get(index, [])
+        for batch in flat:
+            reasons += self._after_step_flat(index, batch, moved, zero_state)
+        batched = {t.name for batch in flat for t in batch.tensors}
+        rest, rest_pending = ([t for t in tensors if t.name not in batched] for tensors in (group, pending))
+        reasons += self._after_step_per_tensor(index, rest, rest_pending, moved, zero_state)
+        if reasons:
+            self.refreshes += 1
+            self.early_refreshes += "early" in reasons
+            for listener in self.refresh_listeners:
+                listener(moved)
+        self._unchecked.discard(index)
+
+    def _after_step_per_tensor(
+        self,
+        index: int,
+        group: list[MaskedTensor],
+        pending: list[MaskedTensor],
+        moved: dict[str, tuple[Any, Any]],
+        zero_state: bool,
+    ) -> list[str]:
+        """:meth:`_after_step` for tensors outside flat groups; returns why each unit that refreshed did."""
         counts = self._finish(index, pending)
         units = list(dict.fromkeys(t.unit for t in group))
         due = [self._due(unit, counts.get(unit)) for unit in units]
-        refreshed = [unit for unit, why in zip(units, due, strict=True) if why is not None]
         applied: set[_Unit] = set()  # units whose sets were written anew, optimizer state with them
-        if refreshed:
-            moved: dict[str, tuple[Any, Any]] = {}
-            for unit in refreshed:
+        for unit, why in zip(units, due, strict=True):
+            if why is not None:
                 moved.update(self._refresh_unit(unit, counts.get(unit), applied))
-            self.refreshes += 1
-            self.early_refreshes += "early" in due
-            for listener in self.refresh_listeners:
-                listener(moved)
-        if index in self._unchecked or type(self._optimizers[index]) not in _STATE_STAYS_ZERO:
+        if zero_state:
             # the first step after attach too: the optimizer may arrive with state restored from a dense run
             for tensor in group:
                 if tensor.unit not in applied:
                     for state in self._states(tensor):
                         tensor.kernels_for(state).keep(state, tensor.code, B_BIT)
-        self._unchecked.discard(index)
+        return [why for why in due if why is not None]
+
+    def _after_step_flat(
+        self, index: int, batch: FlatGroup, moved: dict[str, tuple[Any, Any]], zero_state: bool
+    ) -> list[str]:
+        """:meth:`_after_step` for one flat group: the same rules, each pass once over the group.
+
+        Returns why each of its units refreshed ("interval" or "early"), one entry per unit that did.
+        """
+        prepared = batch.tensors[0].name in self._pending  # the group is prepared as a whole
+        self._pending.difference_update(t.name for t in batch.tensors)
+        reasons = []
+        for unit in batch.units:
+            unit.since_refresh += 1
+            early = unit.early_flag is not None and unit.early_flag.read()  # the test of the last step
+            reasons.append("interval" if unit.since_refresh >= self.update_interval else "early" if early else "")
+        due = [bool(why) for why in reasons]
+        if prepared:
+            decoupled = None
+            if self.decoupled_penalty and self.penalty:
+                rates = {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]}
+                decoupled = self._coefficients(batch, [-rates[id(t.param)] * self.penalty for t in batch.tensors])
+            batch.merge(decoupled, alpha=not any(due))
+            if self.early_refresh is not None and not all(due):
+                flags = _to_host(batch.early_flags(self.early_refresh)).entries(len(batch.units))
+                for unit, flag in zip(batch.units, flags, strict=True):
+                    unit.early_flag = flag
+        if any(due):
+            for unit, refreshes in zip(batch.units, due, strict=True):
+                if refreshes:  # this step's early test measured the old sets
+                    unit.since_refresh, unit.early_flag = 0, None
+            due_mask = None if all(due) else to_device(torch.tensor(due), batch.device)
+            moved[batch.name] = batch.refresh(due_mask, self._state_kinds(batch))
+        elif zero_state:
+            batch.keep_states(self._state_kinds(batch))
+        return [why for why in reasons if why]
+
+    def _coefficients(self, batch: FlatGroup, on_a: Sequence[float]) -> tuple[list[float], list[float]]:
+        r"""The penalty's coefficients per tensor of ``batch``: ``on_a`` on A, ``on_a`` / D on B \ A."""
+        on_a = list(on_a)
+        return on_a, [c / t.forward_density for c, t in zip(on_a, batch.tensors, strict=True)]
+
+    def _state_kinds(self, batch: FlatGroup) -> list[list[Tensor | None]]:
+        """The optimizer state of ``batch`` by key (``exp_avg``, ...): per key, each tensor's, or None."""
+        optimizer = self._owner.get(batch.tensors[0].name)
+        per_tensor = [
+            {key: v for key, v in optimizer.state.get(t.param, {}).items() if _shaped_like(v, t.param)}
+            if optimizer is not None
+            else {}
+            for t in batch.tensors
+        ]
+        keys = dict.fromkeys(key for states in per_tensor for key in states)
+        return [[states.get(key) for states in per_tensor] for key in keys]
 
     def _finish(self, index: int, pending: list[MaskedTensor]) -> dict[_Unit, FinishCounts | Tensor]:
         """θ from the update, α back in the parameters, and the counts per unit against its thresholds."""
@@ -389,6 +503,7 @@ class TopKAST:
         moved: dict[str, tuple[Any, Any]] = {}
         for unit in units:
             moved.update(self._refresh_unit(unit, None, set()))
+        self._adopt_thresholds()
         self.refreshes += 1
         for listener in self.refresh_listeners:
             listener(moved)
@@ -501,8 +616,7 @@ class TopKAST:
         optimizer = self._owner.get(tensor.name)
         if optimizer is None:
             return []
-        values = optimizer.state.get(tensor.param, {}).values()
-        return [v for v in values if isinstance(v, Tensor) and v.shape == tensor.param.shape]
+        return [v for v in optimizer.state.get(tensor.param, {}).values() if _shaped_like(v, tensor.param)]
 
     # --- skipped steps ----------------------------------------------------------------------------------------------
 
@@ -620,6 +734,7 @@ class TopKAST:
             if self.sync_free:
                 for tensor in unit.tensors:
                     tensor.forward_size = torch.tensor(tensor.forward_size, device=device)
+        self._adopt_thresholds()
         self.steps = [int(s) for s in state["steps"]] + self.steps[len(state["steps"]) :]
         self.refreshes = int(state["refreshes"])
         self.early_refreshes = int(state["early_refreshes"])
@@ -663,11 +778,31 @@ class _HostCopy:
     value: Tensor
     copied: torch.cuda.Event | None = None
 
+    _values: Any = field(default=None, init=False, repr=False)
+
     def read(self) -> bool:
-        if self.copied is not None and not self.copied.query():
-            # waits only where the host runs more than a step ahead of the device: then the copy is not done
-            self.copied.synchronize()
-        return bool(self.value.tolist())
+        if self._values is None:
+            if self.copied is not None and not self.copied.query():
+                # waits only where the host runs more than a step ahead of the device: then the copy is not done
+                self.copied.synchronize()
+            self._values = self.value.tolist()
+        return bool(self._values)
+
+    def entries(self, count: int) -> list[_HostEntry]:
+        """One reader per entry of a vector, sharing this copy (read once)."""
+        return [_HostEntry(self, i) for i in range(count)]
+
+
+@dataclass(eq=False)
+class _HostEntry:
+    """One entry of a :class:`_HostCopy` of a vector."""
+
+    copy: _HostCopy
+    entry: int
+
+    def read(self) -> bool:
+        self.copy.read()
+        return bool(self.copy._values[self.entry])
 
 
 def _to_host(flag: Tensor) -> _HostCopy:
@@ -679,6 +814,10 @@ def _to_host(flag: Tensor) -> _HostCopy:
     copied = torch.cuda.Event()
     copied.record()
     return _HostCopy(host, copied)
+
+
+def _shaped_like(value: object, param: Tensor) -> bool:
+    return isinstance(value, Tensor) and value.shape == param.shape
 
 
 def _on_cuda(params: Iterable[Tensor]) -> bool:

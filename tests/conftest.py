@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+# Without a GPU, the device path's Triton kernels run in Triton's interpreter (tests/test_device.py opts in per test).
+# It must be on before Triton is imported, and Lightning imports it: hence before every other import.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json
 import struct
 import time
 from collections.abc import Callable
