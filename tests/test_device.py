@@ -26,6 +26,7 @@ from lightning_topkast.batched import Queries, select_by_sort
 from lightning_topkast.device import FlatGroup
 
 needs_triton = pytest.mark.skipif(triton_kernels.triton is None, reason="needs triton (pip install triton numpy)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SPECIALS = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 2.0, 3.0, 1e-3, math.nan, math.inf, -math.inf]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -151,10 +152,9 @@ def _engine(model: nn.Module, densities: dict[str, tuple[float, float]] | None =
 
 def _train(model: nn.Module, engine: TopKAST, optimizer: torch.optim.Optimizer, steps: int, skip: str = "") -> None:
     g = torch.Generator().manual_seed(1)
-    width = next(model.parameters()).shape[1]
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters())
     for _ in range(steps):
-        x = torch.randn(6, width, generator=g, dtype=torch.float64).to(dtype)
+        x = torch.randn(6, first.shape[1], generator=g, dtype=torch.float64).to(first.dtype).to(first.device)
         model.zero_grad(set_to_none=True)
         F.mse_loss(model(x), x).backward()
         if skip:  # a tensor the loss does not reach this step
@@ -390,3 +390,47 @@ def test_a_lightning_fit_on_the_device_path_keeps_every_invariant(
         assert int(b.sum()) == math.floor(0.5 * tensor.numel + 0.5)
         assert bool((b | ~a).all())
         assert torch.equal(tensor.param.detach(), torch.where(a, tensor.theta, 0))
+
+
+# --- on a GPU (pytest -m cuda): the compiled kernels -----------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_on_a_gpu_the_radix_select_equals_the_sort(dtype: torch.dtype) -> None:
+    """Compiled for the GPU, over 300 segments of uneven sizes (up to a million entries) with many ties."""
+    from lightning_topkast import kernels
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [*torch.randint(1, 20_000, (300,), generator=g).tolist(), 1_000_000]
+    values = torch.randn(sum(sizes), generator=g).to(dtype)
+    values[::5] = values[1]  # ties across tiles
+    values[::97] = math.nan
+    ks = [int(k) for size in sizes for k in (size // 5, size // 2)]
+    queries = Queries(
+        tuple(sizes), tuple(s for s in range(len(sizes)) for _ in range(2)), tuple(ks), torch.device("cuda")
+    )
+    values = values.cuda()
+    expected = select_by_sort(kernels.scores(values), queries, kernels.infinity_score(dtype))
+    found = triton_kernels.select_by_radix(values, triton_kernels.plan_for(queries, dtype))
+    assert torch.equal(found, expected)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", ["adamw, coupled penalty", "sgd, two learning rates, decoupled penalty", "float32"])
+def test_on_a_gpu_the_triton_group_steps_as_the_host_path(config: str) -> None:
+    """The fused kernels against the per-tensor torch passes on the same GPU, bit for bit (no fused multiply-add)."""
+    engines = []
+    for sync_free in (False, True):
+        model = _model(dtype=CONFIGS[config].get("dtype", torch.float64)).cuda()  # type: ignore[arg-type]
+        settings_ = {k: v for k, v in CONFIGS[config].items() if k not in ("dtype", "optimizer")}
+        engine = _engine(model, sync_free=sync_free, **settings_)
+        optimizer = _optimizer(model, str(CONFIGS[config].get("optimizer", "adamw")))
+        engine.attach([optimizer])
+        _train(model, engine, optimizer, 6)
+        engines.append(engine)
+    host, device = engines
+    assert type(device._flat[0][0]) is triton_kernels.TritonGroup
+    _assert_same(host, device)
