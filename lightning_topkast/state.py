@@ -402,7 +402,7 @@ class TopKAST:
         for unit in batch.units:
             unit.since_refresh += 1
             early = unit.early_flag is not None and unit.early_flag.read()  # the test of the last step
-            reasons.append("interval" if unit.since_refresh >= self.update_interval else "early" if early else "")
+            reasons.append(self._reason(unit, early) or "")
         due = [bool(why) for why in reasons]
         if prepared:
             decoupled = None
@@ -483,6 +483,10 @@ class TopKAST:
                 early = flag is not None and flag.read()
             else:
                 early = self._early_test(unit, counts.explorers_above)
+        return self._reason(unit, early)
+
+    def _reason(self, unit: _Unit, early: bool) -> str | None:
+        """The rule of when: "interval" once ``update_interval`` steps have passed, else "early" if its test says so."""
         if unit.since_refresh >= self.update_interval:
             return "interval"
         return "early" if early else None
