@@ -28,14 +28,19 @@ def _histogram(
     end = tl.load(tile_end + t)
     high = tl.load(prefix_ptr + q) >> (SHIFT + WIDTH)
     counts = tl.zeros([BINS], dtype=tl.int32)
+    unmatched = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)
     for i in range(ITERS):
         offsets = start + i * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < end
         key = _key(tl.load(bits_ptr + offsets, mask=inside, other=0), MAXPOS, TOP)
         match = inside & ((key >> (SHIFT + WIDTH)) == high)
         digit = ((key >> SHIFT) & ((1 << WIDTH) - 1)).to(tl.int32)
-        counts += tl.histogram(digit, BINS, mask=match)
+        # not tl.histogram's mask (Triton 3.4 and later): the entries that do not match are counted in bin 0, then
+        # taken out of it
+        counts += tl.histogram(tl.where(match, digit, 0), BINS)
+        unmatched += tl.sum((~match).to(tl.int32), 0)
     bins = tl.arange(0, BINS)
+    counts -= tl.where(bins == 0, unmatched, 0)
     tl.atomic_add(hist_ptr + q * BINS + bins, counts, mask=counts > 0)
 
 
@@ -86,12 +91,15 @@ def _pick_tie(
     tile = lo
     before = rank * 0
     seen = rank * 0
-    for t in range(lo, hi):  # the tile where the running count of ties reaches the rank
-        count = tl.load(ties_ptr + t)
-        hit = (seen < rank) & (seen + count >= rank)
-        tile = tl.where(hit, t, tile)
-        before = tl.where(hit, seen, before)
-        seen += count
+    for first in range(lo, hi, BLOCK):  # the tile where the running count of ties reaches the rank, BLOCK at a time
+        tiles = first + tl.arange(0, BLOCK)
+        counts = tl.load(ties_ptr + tiles, mask=tiles < hi, other=0)
+        running = tl.cumsum(counts, 0) + seen
+        hit = (tiles < hi) & (running >= rank) & (running - counts < rank)
+        found = tl.max(hit.to(tl.int32), 0) > 0
+        tile = tl.where(found, tl.max(tl.where(hit, tiles, 0), 0), tile)
+        before = tl.where(found, tl.sum(tl.where(hit, running - counts, 0), 0), before)
+        seen += tl.sum(counts, 0)
     start = tl.load(tile_start + tile)
     end = tl.load(tile_end + tile)
     rank_in_tile = rank - before

@@ -187,7 +187,6 @@ class TritonGroup(FlatGroup):
             offset += tensor.numel
         self.tiles = torch.tensor([tensors, units_of, starts, ends], dtype=torch.int64, device=self.device)
         self.unit_starts = self.queries.tensors["segment_starts"]
-        self._counts = torch.zeros(max(len(self.units), 2), dtype=torch.int64, device=self.device)
         key_bits = _KEY_BITS[self.dtype]
         self._constants = {"BLOCK": block, "ITERS": blocks_per_tile, "TOP": self.top, "MAXPOS": (1 << key_bits) - 1}
 
@@ -241,7 +240,7 @@ class TritonGroup(FlatGroup):
         fused = [kind for kind in states if all(s is None or s.dtype == self.dtype for s in kind)][:2]
         gathered = [self._gather(kind, self.theta) for kind in fused]
         alpha = torch.empty_like(self.theta)
-        counts = self._counts.zero_()
+        counts = torch.zeros(2, dtype=torch.int64, device=self.device)  # new: a listener may keep them
         _launch(
             "_apply", self._grid, self.theta, self.theta.view(_INT[self.dtype]), self.code, self.thresholds,
             self.unit_starts, self.thresholds if due is None else due, *[*gathered, self.theta, self.theta][:2],
