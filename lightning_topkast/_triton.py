@@ -241,5 +241,6 @@ def _apply(
         tl.store(code_ptr + offsets, new, mask=inside)
         theta = tl.load(theta_ptr + offsets, mask=inside, other=0)
         tl.store(alpha_ptr + offsets, tl.where(in_a, theta, 0), mask=inside)
-    tl.atomic_add(counts_ptr, tl.sum(left, 0))
-    tl.atomic_add(counts_ptr + 1, tl.sum(size, 0))
+    tensor = tl.load(tile_tensor + t)  # per tensor: the members that left A, and the size it had
+    tl.atomic_add(counts_ptr + 2 * tensor, tl.sum(left, 0))
+    tl.atomic_add(counts_ptr + 2 * tensor + 1, tl.sum(size, 0))

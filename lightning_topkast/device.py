@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lightning_topkast import kernels
 from lightning_topkast.batched import Queries, select_by_sort
@@ -65,12 +66,6 @@ class FlatGroup:
         self._in_a_code = torch.tensor(A_BIT | B_BIT | EVER_BIT, dtype=torch.uint8, device=self.device)
         self._needed: dict[float, Tensor] = {}
         self._tables: dict[tuple[tuple[float, ...], tuple[float, ...]], Tensor] = {}
-
-    @property
-    def name(self) -> str:
-        """The group as turnover reports it: its first tensor, and how many follow."""
-        first, more = self.tensors[0].name, len(self.tensors) - 1
-        return f"{first} and {more} more" if more else first
 
     def adopt_thresholds(self) -> None:
         """Take the units' thresholds into the table; the units then hold views of its rows.
@@ -132,7 +127,7 @@ class FlatGroup:
         r"""The sets of the units ``due`` (a bool per unit; None: all) from :attr:`thresholds`; α in the parameters.
 
         ``states``: per kind of optimizer state (``exp_avg``, ...), each tensor's, or None; it survives where an
-        entry stays in B. Returns the members that left A and the size A had, over the units due.
+        entry stays in B. Returns, per tensor, the members that left A and the size A had (0 where not due).
         """
         in_a, in_b = self._at_least(scores, slice(0, 2))
         was_a, was_b = _bit(self.code, A_BIT), _bit(self.code, B_BIT)
@@ -140,7 +135,7 @@ class FlatGroup:
             due_here = self.queries.per_entry(due)
             in_a, in_b = torch.where(due_here, in_a, was_a), torch.where(due_here, in_b, was_b)
             was_a = was_a & due_here
-        left, size = (was_a & ~in_a).sum(), was_a.sum()
+        left, size = _segment_sums(torch.stack([was_a & ~in_a, was_a], dim=1), self.per_tensor).unbind(1)
         stay = was_b & in_b
         for kind in states:
             self._scatter(kind, torch.where(stay, self._gather(kind, self.theta), 0))
@@ -226,9 +221,10 @@ def _bit(code: Tensor, bit: int) -> Tensor:
 
 
 def _segment_sums(flags: Tensor, queries: Queries) -> Tensor:
-    """Per segment, the number of true ``flags``: a cumulative sum read at the segments' ends (no scatter)."""
-    ends = torch.cumsum(flags, 0)[queries.cached("ends", lambda: torch.cumsum(queries.tensors["sizes"], 0) - 1)]
-    return torch.diff(ends, prepend=ends.new_zeros(1))
+    """Per segment, the number of true ``flags`` (per column, if 2-D): a cumulative sum read at the segments' ends."""
+    padded = F.pad(torch.cumsum(flags, 0), (0, 0) * (flags.dim() - 1) + (1, 0))  # a 0 before the first entry
+    ends = queries.cached("segment_ends", lambda: queries.tensors["segment_starts"] + queries.tensors["sizes"])
+    return padded[ends] - padded[queries.tensors["segment_starts"]]
 
 
 def to_device(values: Tensor, device: torch.device) -> Tensor:

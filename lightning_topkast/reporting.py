@@ -229,9 +229,15 @@ class Turnover:
 
     def update(self, moved: Mapping[str, tuple[Any, Any]]) -> None:
         """Record one refresh: ``{name: (left, size)}``, the members of A that left it and the size of A."""
-        for left, size in moved.values():
-            self._left = self._left + left
-            self._size = self._size + size
+        if not moved:
+            return
+        lefts, sizes = zip(*moved.values(), strict=True)
+        if isinstance(lefts[0], Tensor):  # device values: two sums for all tensors, not two additions per tensor
+            self._left = self._left + torch.stack([t.to(lefts[0].device) for t in lefts]).sum()
+            self._size = self._size + torch.stack([t.to(lefts[0].device) for t in sizes]).sum()
+        else:
+            self._left += sum(lefts)
+            self._size += sum(sizes)
 
     def compute(self) -> float:
         """The |A|-weighted mean turnover since the last reset, 0.0 when no refresh happened (nothing moved)."""

@@ -405,24 +405,36 @@ class TopKAST:
             reasons.append(self._reason(unit, early) or "")
         due = [bool(why) for why in reasons]
         if prepared:
-            decoupled = None
-            if self.decoupled_penalty and self.penalty:
-                rates = {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]}
-                decoupled = self._coefficients(batch, [-rates[id(t.param)] * self.penalty for t in batch.tensors])
-            batch.merge(decoupled, alpha=not any(due))
-            if self.early_refresh is not None and not all(due):
-                flags = _to_host(batch.early_flags(self.early_refresh)).entries(len(batch.units))
-                for unit, flag in zip(batch.units, flags, strict=True):
-                    unit.early_flag = flag
+            self._merge_flat(index, batch, due)
         if any(due):
-            for unit, refreshes in zip(batch.units, due, strict=True):
-                if refreshes:  # this step's early test measured the old sets
-                    unit.since_refresh, unit.early_flag = 0, None
-            due_mask = None if all(due) else to_device(torch.tensor(due), batch.device)
-            moved[batch.name] = batch.refresh(due_mask, self._state_kinds(batch))
+            self._refresh_flat(batch, due, moved)
         elif zero_state:
             batch.keep_states(self._state_kinds(batch))
         return [why for why in reasons if why]
+
+    def _merge_flat(self, index: int, batch: FlatGroup, due: list[bool]) -> None:
+        """θ from the update; α unless a refresh follows; the early refresh's test, read at the next step."""
+        decoupled = None
+        if self.decoupled_penalty and self.penalty:
+            rates = {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]}
+            decoupled = self._coefficients(batch, [-rates[id(t.param)] * self.penalty for t in batch.tensors])
+        batch.merge(decoupled, alpha=not any(due))
+        if self.early_refresh is not None and not all(due):
+            flags = _to_host(batch.early_flags(self.early_refresh)).entries(len(batch.units))
+            for unit, flag in zip(batch.units, flags, strict=True):
+                unit.early_flag = flag
+
+    def _refresh_flat(self, batch: FlatGroup, due: list[bool], moved: dict[str, tuple[Any, Any]]) -> None:
+        """New sets for the units of ``batch`` that are ``due``; their tensors' turnover into ``moved``."""
+        for unit, refreshes in zip(batch.units, due, strict=True):
+            if refreshes:  # this step's early test measured the old sets
+                unit.since_refresh, unit.early_flag = 0, None
+        due_mask = None if all(due) else to_device(torch.tensor(due), batch.device)
+        left, size = batch.refresh(due_mask, self._state_kinds(batch))
+        refreshed = {id(unit) for unit, refreshes in zip(batch.units, due, strict=True) if refreshes}
+        for i, tensor in enumerate(batch.tensors):
+            if id(tensor.unit) in refreshed:
+                moved[tensor.name] = (left[i], size[i])
 
     def _coefficients(self, batch: FlatGroup, on_a: Sequence[float]) -> tuple[list[float], list[float]]:
         r"""The penalty's coefficients per tensor of ``batch``: ``on_a`` on A, ``on_a`` / D on B \ A."""

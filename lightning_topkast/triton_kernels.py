@@ -240,7 +240,7 @@ class TritonGroup(FlatGroup):
         fused = [kind for kind in states if all(s is None or s.dtype == self.dtype for s in kind)][:2]
         gathered = [self._gather(kind, self.theta) for kind in fused]
         alpha = torch.empty_like(self.theta)
-        counts = torch.zeros(2, dtype=torch.int64, device=self.device)  # new: a listener may keep them
+        counts = torch.zeros(len(self.tensors), 2, dtype=torch.int64, device=self.device)  # a listener may keep them
         _launch(
             "_apply", self._grid, self.theta, self.theta.view(_INT[self.dtype]), self.code, self.thresholds,
             self.unit_starts, self.thresholds if due is None else due, *[*gathered, self.theta, self.theta][:2],
@@ -252,7 +252,7 @@ class TritonGroup(FlatGroup):
         rest = [kind for kind in states if not any(kind is f for f in fused)]
         if rest:  # zeroed against the new B only: enough, as a third kind of state is rare and stays zero outside B
             self.keep_states(rest)
-        return counts[0], counts[1]
+        return counts[:, 0], counts[:, 1]
 
     def _table(self, coefficients: Coefficients | None) -> tuple[Tensor, int]:
         if coefficients is None:
