@@ -24,7 +24,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,30 +112,25 @@ def time_refresh(engine: TopKAST, device: torch.device, repeats: int) -> list[fl
     return times
 
 
+def sync_checked(call: Callable[..., None]) -> Callable[..., None]:
+    """``call`` under CUDA's sync check: any operation in it that waits for the device raises."""
+
+    def checked(*args: Any) -> None:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return checked
+
+
 def steps_without_syncs(module: Any, engine: TopKAST, optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
     """Two steps with the engine's own calls under CUDA's sync check; True if nothing waited (False: it raised)."""
     if device.type != "cuda":
         return False
-    after_step = engine._after_step
-
-    def checked(index: int) -> None:
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            after_step(index)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    engine._after_step = checked  # type: ignore[method-assign]
-    before_step = engine.before_step
-
-    def checked_before(opt: torch.optim.Optimizer) -> None:
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            before_step(opt)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    engine.before_step = checked_before  # type: ignore[method-assign]
+    after_step, before_step = engine._after_step, engine.before_step
+    engine._after_step, engine.before_step = sync_checked(after_step), sync_checked(before_step)  # type: ignore[method-assign]
     try:
         for _ in range(2):
             step(module, engine, optimizer, device)

@@ -24,14 +24,12 @@ def _histogram(
 ):  # fmt: skip
     t = tl.program_id(0)
     q = tl.load(tile_query + t)
-    start = tl.load(tile_start + t)
-    end = tl.load(tile_end + t)
+    start, end = tl.load(tile_start + t), tl.load(tile_end + t)
     high = tl.load(prefix_ptr + q) >> (SHIFT + WIDTH)
     counts = tl.zeros([BINS], dtype=tl.int32)
     unmatched = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)
     for i in range(ITERS):
-        offsets = start + i * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < end
+        offsets, inside = _block(start, end, i, BLOCK)
         key = _key(tl.load(bits_ptr + offsets, mask=inside, other=0), MAXPOS, TOP)
         match = inside & ((key >> (SHIFT + WIDTH)) == high)
         digit = ((key >> SHIFT) & ((1 << WIDTH) - 1)).to(tl.int32)
@@ -65,13 +63,11 @@ def _count_ties(
     TOP: tl.constexpr, MAXPOS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    start = tl.load(tile_start + t)
-    end = tl.load(tile_end + t)
+    start, end = tl.load(tile_start + t), tl.load(tile_end + t)
     wanted = tl.load(prefix_ptr + tl.load(tile_query + t))
     total = tl.zeros([BLOCK], dtype=tl.int64)
     for i in range(ITERS):
-        offsets = start + i * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < end
+        offsets, inside = _block(start, end, i, BLOCK)
         key = _key(tl.load(bits_ptr + offsets, mask=inside, other=0), MAXPOS, TOP)
         total += (inside & (key == wanted)).to(tl.int64)
     tl.store(ties_ptr + t, tl.sum(total, 0))
@@ -106,8 +102,7 @@ def _pick_tie(
     seen = rank * 0
     index = start * 0 + end  # past the tile: replaced by the entry's index below
     for i in range(ITERS):
-        offsets = start + i * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < end
+        offsets, inside = _block(start, end, i, BLOCK)
         key = _key(tl.load(bits_ptr + offsets, mask=inside, other=0), MAXPOS, TOP)
         tie = (inside & (key == wanted)).to(tl.int64)
         running = tl.cumsum(tie, 0) + seen
@@ -122,17 +117,28 @@ def _pick_tie(
 
 
 @triton.jit
+def _block(start, end, i, BLOCK: tl.constexpr):
+    # the i-th block of a tile's entries, and which of them are in the tile
+    offsets = start + i * BLOCK + tl.arange(0, BLOCK)
+    return offsets, offsets < end
+
+
+@triton.jit
+def _coefficient(code, table_ptr, row):
+    # the tensor's coefficient on A or on B \ A (outside B it multiplies 0)
+    return tl.where((code & 2) != 0, tl.load(table_ptr + row), tl.load(table_ptr + row + 1))
+
+
+@triton.jit
 def _prepare(
     theta_ptr, code_ptr, grad_ptr, kept_ptr, table_ptr, tile_tensor, tile_unit, tile_start, tile_end,
     COEF_STRIDE: tl.constexpr, PENALTY: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    start = tl.load(tile_start + t)
-    end = tl.load(tile_end + t)
+    start, end = tl.load(tile_start + t), tl.load(tile_end + t)
     row = tl.load(tile_tensor + t) * COEF_STRIDE
     for i in range(ITERS):
-        offsets = start + i * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < end
+        offsets, inside = _block(start, end, i, BLOCK)
         code = tl.load(code_ptr + offsets, mask=inside, other=0)
         theta = tl.load(theta_ptr + offsets, mask=inside, other=0)
         in_b = (code & 1) != 0
@@ -140,8 +146,7 @@ def _prepare(
         tl.store(kept_ptr + offsets, kept, mask=inside)
         masked = tl.where(in_b, tl.load(grad_ptr + offsets, mask=inside, other=0), 0)
         if PENALTY:
-            coefficient = tl.where((code & 2) != 0, tl.load(table_ptr + row), tl.load(table_ptr + row + 1))
-            masked = masked + coefficient * kept
+            masked = masked + _coefficient(code, table_ptr, row) * kept
         tl.store(grad_ptr + offsets, masked, mask=inside)
 
 
@@ -152,17 +157,14 @@ def _merge(
     BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    start = tl.load(tile_start + t)
-    end = tl.load(tile_end + t)
+    start, end = tl.load(tile_start + t), tl.load(tile_end + t)
     row = tl.load(tile_tensor + t) * COEF_STRIDE
     for i in range(ITERS):
-        offsets = start + i * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < end
+        offsets, inside = _block(start, end, i, BLOCK)
         code = tl.load(code_ptr + offsets, mask=inside, other=0)
         moved = tl.load(flat_ptr + offsets, mask=inside, other=0)
         if DECOUPLED:
-            coefficient = tl.where((code & 2) != 0, tl.load(table_ptr + row), tl.load(table_ptr + row + 1))
-            moved = moved + coefficient * moved
+            moved = moved + _coefficient(code, table_ptr, row) * moved
         theta = tl.where((code & 1) != 0, moved, tl.load(theta_ptr + offsets, mask=inside, other=0))
         tl.store(theta_ptr + offsets, theta, mask=inside)
         if ALPHA:
@@ -181,15 +183,13 @@ def _explorers(
     BLOCK: tl.constexpr, ITERS: tl.constexpr, TOP: tl.constexpr, MAXPOS: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    start = tl.load(tile_start + t)
-    end = tl.load(tile_end + t)
+    start, end = tl.load(tile_start + t), tl.load(tile_end + t)
     unit = tl.load(tile_unit + t)
     score = tl.load(thresholds + 4 * unit)
     split = tl.load(thresholds + 4 * unit + 1) + tl.load(unit_starts + unit)
     total = tl.zeros([BLOCK], dtype=tl.int64)
     for i in range(ITERS):
-        offsets = start + i * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < end
+        offsets, inside = _block(start, end, i, BLOCK)
         code = tl.load(code_ptr + offsets, mask=inside, other=0)
         above = _at_or_above(tl.load(bits_ptr + offsets, mask=inside, other=0), offsets, score, split, MAXPOS, TOP)
         total += (inside & above & ((code & 3) == 1)).to(tl.int64)
@@ -204,8 +204,7 @@ def _apply(
     BLOCK: tl.constexpr, ITERS: tl.constexpr, TOP: tl.constexpr, MAXPOS: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    start = tl.load(tile_start + t)
-    end = tl.load(tile_end + t)
+    start, end = tl.load(tile_start + t), tl.load(tile_end + t)
     unit = tl.load(tile_unit + t)
     base = tl.load(unit_starts + unit)
     score_a = tl.load(thresholds + 4 * unit)
@@ -218,8 +217,7 @@ def _apply(
     left = tl.zeros([BLOCK], dtype=tl.int64)
     size = tl.zeros([BLOCK], dtype=tl.int64)
     for i in range(ITERS):
-        offsets = start + i * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < end
+        offsets, inside = _block(start, end, i, BLOCK)
         code = tl.load(code_ptr + offsets, mask=inside, other=0)
         bits = tl.load(bits_ptr + offsets, mask=inside, other=0)
         was_a = (code & 2) != 0
