@@ -80,6 +80,7 @@ CONFIGS: dict[str, Config] = {
     "static90": Config("static", 1e-2, 0.9),
     "static90-lr2e-2": Config("static", 2e-2, 0.9),
     "static90-lr4e-2": Config("static", 4e-2, 0.9),
+    "static90-lr8e-2": Config("static", 8e-2, 0.9),
     "static90-head-dense": Config("static", 1e-2, 0.9, layers="head-dense"),
     "static90-all-masked": Config("static", 1e-2, 0.9, layers="all-masked"),
     "tk90": _tk(note="the library's defaults: λ 1e-4 coupled, every-step refresh, early refresh 0.01"),
@@ -93,6 +94,13 @@ CONFIGS: dict[str, Config] = {
     "tk90-dec1e-2": _tk(penalty=1e-2, decoupled=True),
     "tk90-dec3e-2": _tk(penalty=3e-2, decoupled=True),
     "tk90-dec1e-1": _tk(penalty=1e-1, decoupled=True),
+    "tk90-pen0": _tk(penalty=0.0, note="no exploration penalty"),
+    "tk90-dec3e-2-lr5e-3": _tk(5e-3, penalty=3e-2, decoupled=True),
+    "tk90-dec3e-2-lr2e-2": _tk(2e-2, penalty=3e-2, decoupled=True),
+    "tk90-dec3e-2-lr4e-2": _tk(4e-2, penalty=3e-2, decoupled=True),
+    "tk90-dec3e-2-head-dense": _tk(penalty=3e-2, decoupled=True, layers="head-dense"),
+    "tk90-dec3e-2-all-masked": _tk(penalty=3e-2, decoupled=True, layers="all-masked"),
+    "tk90-dec3e-2-i100": _tk(penalty=3e-2, decoupled=True, update_interval=100),
     "tk90-dec1e-2-lr2e-2": _tk(2e-2, penalty=1e-2, decoupled=True),
     "tk90-dec1e-1-lr2e-2": _tk(2e-2, penalty=1e-1, decoupled=True),
     "tk90-dec1e-2-i100": _tk(penalty=1e-2, decoupled=True, update_interval=100),
@@ -103,6 +111,7 @@ CONFIGS: dict[str, Config] = {
     "tk80": _tk(sparsity=0.8),
     "tk80-dec1e-2": _tk(sparsity=0.8, penalty=1e-2, decoupled=True),
     "tk80-dec1e-1": _tk(sparsity=0.8, penalty=1e-1, decoupled=True),
+    "tk80-dec3e-2": _tk(sparsity=0.8, penalty=3e-2, decoupled=True),
 }
 
 
