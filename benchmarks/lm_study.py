@@ -377,12 +377,15 @@ def describe(c: dict[str, Any]) -> str:
     return what + ("" if c["layers"] == "emb-dense" else f", {c['layers']}")
 
 
-def table(runs: list[dict[str, Any]], steps: int, reference: str = "static90") -> str:
-    """Every configuration run at ``steps``: validation bits/char per seed, mean ± std, against ``reference``."""
+def table(runs: list[dict[str, Any]], steps: int) -> str:
+    """Every configuration run at ``steps``: validation bits/char per seed, mean ± std, and each seed's difference
+    to the best static configuration at that budget (static at its best learning rate)."""
     found = {name: rs for (s, name), rs in groups(runs).items() if s == steps}
+    statics = [name for name, rs in found.items() if rs[0]["config"]["method"] == "static"]
+    reference = min(statics, key=lambda n: statistics.fmean(r["val_bits"] for r in found[n]), default="")
     ref = {r["seed"]: r["val_bits"] for r in found.get(reference, [])}
     lines = [
-        f"| run | configuration | lr | seeds | validation bits/char | per seed, to {reference} | refreshes (early) "
+        f"| run | configuration | lr | seeds | validation bits/char | per seed, to `{reference}` | refreshes (early) "
         "| minutes |",
         "|---|---|---|---|---|---|---|---|",
     ]
