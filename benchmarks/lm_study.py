@@ -412,9 +412,9 @@ def table(runs: list[dict[str, Any]], steps: int) -> str:
 def churn_table(runs: list[dict[str, Any]]) -> str:
     """Hypotheses 1 and 2: per window, the median over tensors of each churn measure, for every diagnosed run."""
     lines = [
-        "| run | steps | seed | window at step | threshold gap / median \\|Δθ\\| of B \\ A | turnover of A per step "
-        "| entrants leaving A within 10 steps | first step in B: \\|Δθ\\| / B \\ A's |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | steps | seed | window at step | threshold gap | gap / median \\|Δθ\\| of B \\ A "
+        "| turnover of A per step | entrants leaving A within 10 steps | first step in B: \\|Δθ\\| / B \\ A's |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         for point in r["churn"]:
@@ -425,7 +425,8 @@ def churn_table(runs: list[dict[str, Any]]) -> str:
                 return statistics.median(values) if values else math.nan
 
             lines.append(
-                f"| `{r['name']}` | {r['steps']} | {r['seed']} | {point['step']} | {med('gap_over_step'):.2f} "
+                f"| `{r['name']}` | {r['steps']} | {r['seed']} | {point['step']} | {med('gap'):.3f} "
+                f"| {med('gap_over_step'):.2f} "
                 f"| {med('turnover'):.2e} | {med('left_within_10'):.2f} | {med('first_step_kick'):.2f} |"
             )
     return "\n".join(lines)
