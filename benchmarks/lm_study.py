@@ -371,8 +371,11 @@ def describe(c: dict[str, Any]) -> str:
         what = f"static {c['sparsity']:.0%}"
     else:
         backward = c["backward_sparsity"] or common.TOPKAST_BACKWARD[c["sparsity"]]
-        what = f"Top-KAST {c['sparsity']:.0%}/{backward:.0%}, λ {c['penalty']:g} "
-        what += "decoupled" if c["decoupled"] else "coupled"
+        what = f"Top-KAST {c['sparsity']:.0%}/{backward:.0%}, "
+        if c["penalty"]:
+            what += f"λ {c['penalty']:g} " + ("decoupled" if c["decoupled"] else "coupled")
+        else:
+            what += "no penalty"
         if c["update_interval"] != 1 or c["early_refresh"] != 0.01:
             early = "early" if c["early_refresh"] is not None else "no early"
             what += f", interval {c['update_interval']} ({early})"
