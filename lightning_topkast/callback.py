@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_topkast import distributions, figures, planning, reporting, targets, validation
+from lightning_topkast import distributions, figures, planning, regularizer, reporting, targets, validation
 from lightning_topkast.planning import Plan
 from lightning_topkast.state import TopKAST
 
@@ -48,9 +48,12 @@ class TopKASTCallback(Callback):
             past A's threshold of the last refresh number this fraction of |A| (at least one weight). Without it,
             long intervals let B \ A drift with no say in the loss, then enter A all at once (docs/results.md).
             None turns it off.
-        exploration_penalty: λ of the penalty λ/2·Σ c·θ² (c = 1 on A, 1/D on B \ A); 0 turns it off.
+        exploration_penalty: λ of the penalty λ/2·Σ c·θ² (c = 1 on A, 1/D on B \ A); 0 turns it off. None (the
+            default) chooses from the optimizer: 3e-2 when decoupled under Adam/AdamW, else 1e-4.
         decoupled_penalty: apply the penalty to the weights after each update, scaled by the learning rate and
-            outside momentum (as SparseML does), instead of through the gradient.
+            outside momentum (as SparseML does), instead of through the gradient. None (the default) decouples it
+            under Adam and AdamW, whose normalised step makes a penalty through the gradient churn the masks
+            (docs/language-models.md), and keeps it in the gradient under SGD and every other optimizer.
         distribution: how the density is spread: ``"uniform"`` (same per tensor), ``"erk"`` (Erdős–Rényi-Kernel,
             as RigL) or ``"global"`` (one top-k over all masked weights).
         sparsity_overrides: ``{name or glob: [forward_sparsity, backward_sparsity]}`` pinning chosen tensors;
@@ -80,8 +83,8 @@ class TopKASTCallback(Callback):
         backward_sparsity: float = 0.5,
         update_interval: int = 1,
         early_refresh: float | None = 0.01,
-        exploration_penalty: float = 1e-4,
-        decoupled_penalty: bool = False,
+        exploration_penalty: float | None = None,
+        decoupled_penalty: bool | None = None,
         distribution: Distribution = "uniform",
         sparsity_overrides: dict[str, tuple[float, float]] | None = None,
         include: list[str] | None = None,
@@ -99,12 +102,16 @@ class TopKASTCallback(Callback):
         )
         self.update_interval = validation.positive_int("update_interval", update_interval)
         self.early_refresh = validation.optional_fraction("early_refresh", early_refresh)
-        self.exploration_penalty = validation.non_negative("exploration_penalty", exploration_penalty)
+        self.exploration_penalty = (
+            None if exploration_penalty is None else validation.non_negative("exploration_penalty", exploration_penalty)
+        )
         self.distribution = validation.choice("distribution", distribution, distributions.DISTRIBUTIONS)
         self.sparsity_overrides = validation.overrides(sparsity_overrides)
         self.include = validation.patterns("include", include)
         self.exclude = validation.patterns("exclude", exclude)
-        self.decoupled_penalty = validation.flag("decoupled_penalty", decoupled_penalty)
+        self.decoupled_penalty = (
+            None if decoupled_penalty is None else validation.flag("decoupled_penalty", decoupled_penalty)
+        )
         self.dense_first_layer = validation.flag("dense_first_layer", dense_first_layer)
         self.dense_last_layer = validation.flag("dense_last_layer", dense_last_layer)
         self.log_per_tensor = validation.flag("log_per_tensor", log_per_tensor)
@@ -118,6 +125,7 @@ class TopKASTCallback(Callback):
 
         self.engine: TopKAST | None = None
         self._plan: Plan | None = None
+        self._penalty = regularizer.resolve_penalty(self.exploration_penalty, self.decoupled_penalty, [])
         self._flops: reporting.FlopCounter | None = None
         self._turnover = reporting.Turnover()
         self._loaded_state: dict[str, Any] | None = None
@@ -153,9 +161,11 @@ class TopKASTCallback(Callback):
         self._prefix = _prefix(trainer, self)
         plan = self.plan(pl_module)
         self._check_disjoint(trainer, plan)
+        self._penalty = self._resolve_penalty(trainer.optimizers, plan)
         self._use(plan)
         self._restore_loaded_state()
         engine = self._require_engine()
+        engine.penalty, engine.decoupled_penalty = self._penalty  # a kept engine follows this fit's optimizers too
         engine.attach(trainer.optimizers)
         for hint in validation.slow_optimizers(trainer.optimizers, [t.param for t in engine.tensors.values()]):
             rank_zero_warn(hint, category=PossibleUserWarning)
@@ -270,7 +280,7 @@ class TopKASTCallback(Callback):
         A query: calling it changes nothing (the callback starts a new turnover window after each log).
         """
         engine, prefix = self._require_engine(), self._prefix
-        metrics = reporting.density_metrics(engine.tensors, self.exploration_penalty, self.log_per_tensor, prefix)
+        metrics = reporting.density_metrics(engine.tensors, engine.penalty, self.log_per_tensor, prefix)
         # always logged: Lightning repeats a step metric's last value at later log steps, so an absent key would
         # show the previous refresh's turnover again; with no refresh since the last log, nothing moved.
         metrics[f"{prefix}/turnover"] = self._turnover.compute()
@@ -288,6 +298,9 @@ class TopKASTCallback(Callback):
         numel = sum(t.numel for t in engine.tensors.values())
         return {
             **self._arguments(),
+            # as resolved for this fit's optimizers (None in the arguments: chosen from the optimizer)
+            "exploration_penalty": engine.penalty,
+            "decoupled_penalty": engine.decoupled_penalty,
             "log_masks_every_n_steps": self.log_masks_every_n_steps,
             "masked_tensors": len(engine.tensors),
             "masked_weights": numel,
@@ -323,8 +336,8 @@ class TopKASTCallback(Callback):
             plan.densities,
             update_interval=self.update_interval,
             early_refresh=self.early_refresh,
-            penalty=self.exploration_penalty,
-            decoupled_penalty=self.decoupled_penalty,
+            penalty=self._penalty[0],
+            decoupled_penalty=self._penalty[1],
             global_pool=plan.global_pool,
         )
         engine.refresh_listeners.append(self._turnover.update)
@@ -436,6 +449,11 @@ class TopKASTCallback(Callback):
             "dense_first_layer": self.dense_first_layer,
             "dense_last_layer": self.dense_last_layer,
         }
+
+    def _resolve_penalty(self, optimizers: list[Any], plan: Plan) -> tuple[float, bool]:
+        masked = {id(p) for p in plan.parameters.values()}
+        stepping = [o for o in optimizers if any(id(p) in masked for g in o.param_groups for p in g["params"])]
+        return regularizer.resolve_penalty(self.exploration_penalty, self.decoupled_penalty, stepping)
 
     def _release(self) -> None:
         if self._flops is not None:

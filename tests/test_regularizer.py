@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_topkast.regularizer import penalty, penalty_grad, penalty_weights
+from lightning_topkast.regularizer import (
+    DECOUPLED_PENALTY,
+    PENALTY,
+    penalty,
+    penalty_grad,
+    penalty_weights,
+    resolve_penalty,
+)
 from lightning_topkast.selection import count, forward_backward_sets
 
 T, F = True, False
@@ -120,3 +127,38 @@ def test_zero_strength_gives_zero() -> None:
     a, b = forward_backward_sets(theta, 0.25, 0.75)
     assert torch.equal(penalty_grad(theta, a, b, 0.25, 0.0), torch.zeros(2, 2))
     assert penalty(theta, a, b, 0.25, 0.0).item() == 0.0
+
+
+class _MyAdamW(torch.optim.AdamW):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("strength", "decoupled", "optimizers", "expected"),
+    [
+        (None, None, ["adamw"], (3e-2, True)),
+        (None, None, ["adam"], (3e-2, True)),
+        (None, None, ["subclass"], (3e-2, True)),  # a user's AdamW subclass normalises its steps the same way
+        (None, None, ["sgd"], (1e-4, False)),
+        (None, None, ["rmsprop"], (1e-4, False)),  # measured only for Adam/AdamW: everything else keeps 1e-4
+        (None, None, ["adamw", "sgd"], (1e-4, False)),  # one engine, one mode: decoupled only if all are Adam
+        (None, None, [], (1e-4, False)),  # before a fit, no optimizer yet
+        (1e-3, None, ["adamw"], (1e-3, True)),  # an explicit λ is kept, the mode still follows the optimizer
+        (None, False, ["adamw"], (1e-4, False)),  # explicitly through the gradient: the coupled default λ
+        (None, True, ["sgd"], (1e-4, True)),  # decoupled under SGD: unmeasured, so the long-standing λ
+        (0.0, True, ["adamw"], (0.0, True)),
+    ],
+)
+def test_resolve_penalty_follows_the_optimizer(
+    strength: float | None, decoupled: bool | None, optimizers: list[str], expected: tuple[float, bool]
+) -> None:
+    w = [torch.nn.Parameter(torch.zeros(3))]
+    make = {
+        "adamw": lambda: torch.optim.AdamW(w),
+        "adam": lambda: torch.optim.Adam(w),
+        "subclass": lambda: _MyAdamW(w),
+        "sgd": lambda: torch.optim.SGD(w, lr=0.1),
+        "rmsprop": lambda: torch.optim.RMSprop(w),
+    }
+    assert resolve_penalty(strength, decoupled, [make[o]() for o in optimizers]) == expected
+    assert (PENALTY, DECOUPLED_PENALTY) == (1e-4, 3e-2)

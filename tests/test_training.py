@@ -450,6 +450,35 @@ def test_exploration_penalty_step_is_exact(tmp_path: Path, decoupled: bool, prec
             assert not model.at_clipping[0][name].any()
 
 
+@pytest.mark.parametrize(("optimizer", "expected"), [("sgd", (1e-4, False)), ("adamw-fused", (3e-2, True))])
+def test_default_penalty_follows_the_optimizer(tmp_path: Path, optimizer: str, expected: tuple[float, bool]) -> None:
+    """Left at None, the penalty is decoupled at 3e-2 under AdamW and stays in the gradient at 1e-4 under SGD, in a
+    real fit: the gradient clipping sees is the masked data gradient alone under AdamW, plus λ·c·θ under SGD."""
+    callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
+    model = Spy(optimizer=optimizer)
+    recorder, _ = _fit(tmp_path, model, callback)
+    engine = _engine(callback)
+    assert (engine.penalty, engine.decoupled_penalty) == expected
+    assert (callback.exploration_penalty, callback.decoupled_penalty) == (None, None)  # the arguments as given
+    hparams = callback.hyperparameters()
+    assert (hparams["exploration_penalty"], hparams["decoupled_penalty"]) == expected
+    for step, (before, data, clipping) in enumerate(
+        zip(recorder.before, model.after_backward, model.at_clipping, strict=True), start=1
+    ):
+        for name in MASKED:
+            A, B, theta = before[name]["A"], before[name]["B"], before[name]["theta"]
+            masked = torch.where(B, data[name], 0)
+            c = torch.where(A, 1.0, torch.where(B, 1 / engine.tensors[name].forward_density, 0.0))
+            if expected[1]:
+                assert torch.equal(clipping[name], masked), (step, name)
+            else:
+                torch.testing.assert_close(clipping[name], masked + expected[0] * c * theta, rtol=1e-6, atol=1e-9)
+        _assert_invariants(recorder.after[step - 1], engine)
+        for name in MASKED:  # nothing outside B moved, the decoupled shrink included
+            B = before[name]["B"]
+            assert torch.equal(recorder.after[step - 1][name]["theta"][~B], before[name]["theta"][~B]), (step, name)
+
+
 # --- 5. training setups ---------------------------------------------------------------------------------------
 
 
