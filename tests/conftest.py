@@ -152,6 +152,21 @@ def assert_alpha(engine: Any) -> None:
         assert sum(int(t.backward_set.sum()) for t in pool) == count(pool[0].backward_density, numel)
 
 
+def bit_exact(a: object, b: object) -> bool:
+    """Equal bits: tensors of one dtype and shape whose bytes match (NaN equals NaN, -0.0 differs from 0.0), and
+    tuples, lists and dicts of them item by item; anything else by ``==``."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        bits = (lambda t: t.reshape(-1).view(torch.uint8)) if a.is_floating_point() else (lambda t: t)
+        return torch.equal(bits(a), bits(b))
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(bit_exact(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(bit_exact(a[k], b[k]) for k in a)
+    return a == b
+
+
 def make_trainer(tmp_path: Any, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
     """A quiet CPU Trainer writing under ``tmp_path``; ``kwargs`` override the defaults."""
     defaults: dict[str, Any] = {
