@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bit_exact
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,19 +24,6 @@ from lightning_topkast.selection import magnitude_order
 PROPERTY = settings(max_examples=40, deadline=None)
 NAN, INF = float("nan"), float("inf")
 SPECIAL = [NAN, INF, -INF, 0.0, -0.0, 1.0, -1.0]
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Compare floats by their bits: NaN == NaN, and -0.0 != 0.0."""
-    return t.view(torch.uint8) if t.is_floating_point() else t
-
-
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
-    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 @st.composite
@@ -105,7 +93,7 @@ def test_c_kernels_equal_torch_kernels_bit_for_bit(case: dict) -> None:
     c = kernels.for_tensor(case["theta"])
     assert isinstance(c, CKernels)
     for i, (a, b) in enumerate(zip(_run(c, case), _run(TorchKernels(), case), strict=True)):
-        assert _same(a, b), i
+        assert bit_exact(a, b), i
 
 
 @PROPERTY
@@ -117,17 +105,17 @@ def test_each_pass_does_what_it_says(case: dict) -> None:
     theta, param, grad = theta0.clone(), param0.clone(), grad0.clone()
     lam_a, lam_e = case["penalty"]
     TorchKernels().prepare(theta, code.clone(), param, grad, lam_a, lam_e)
-    assert _same(param, torch.where(in_b, theta0, 0))
+    assert bit_exact(param, torch.where(in_b, theta0, 0))
     assert not bool(grad[~in_b].any())  # NaN and inf outside B are gone
     if lam_a == lam_e == 0:
-        assert _same(grad, torch.where(in_b, grad0, 0))
+        assert bit_exact(grad, torch.where(in_b, grad0, 0))
     new = torch.randn(param.shape, dtype=param.dtype)  # what an optimizer wrote
     param.copy_(new)
     counts = TorchKernels().finish(
         theta, code.clone(), param, 0.0, 0.0, case["forward"], case["backward"], case["offset"]
     )
-    assert _same(theta, torch.where(in_b, new, theta0))  # outside B nothing moved
-    assert _same(param, torch.where(in_a, theta, 0))
+    assert bit_exact(theta, torch.where(in_b, new, theta0))  # outside B nothing moved
+    assert bit_exact(param, torch.where(in_a, theta, 0))
     scores = kernels.scores(theta)
     ga = kernels.at_least(scores, case["forward"], case["offset"])
     gb = kernels.at_least(scores, case["backward"], case["offset"])
@@ -150,8 +138,8 @@ def test_each_pass_does_what_it_says(case: dict) -> None:
     assert torch.equal(new_b, gb)
     assert torch.equal((new_code & EVER_BIT) != 0, ((code & EVER_BIT) != 0) | ga)
     assert (left, changed, size) == (int((in_a & ~ga).sum()), int((in_b ^ gb).sum()), int(ga.sum()))
-    assert _same(param, torch.where(ga, theta, 0))
-    assert _same(states[0], torch.where(in_b & gb, before, 0))
+    assert bit_exact(param, torch.where(ga, theta, 0))
+    assert bit_exact(states[0], torch.where(in_b & gb, before, 0))
 
 
 @settings(max_examples=30, deadline=None)
@@ -376,9 +364,9 @@ def test_c_refresh_equals_the_torch_reference_bit_for_bit(case: dict) -> None:
     c, reference = _refresh_both(case)
     assert isinstance(kernels.for_tensor(case["theta"]), CKernels)
     for i, (a, b) in enumerate(zip(c, reference, strict=True)):
-        assert _same(a, b), (i, a if i == 0 else None, b if i == 0 else None)
+        assert bit_exact(a, b), (i, a if i == 0 else None, b if i == 0 else None)
     if reference[0] is None:  # nothing was written: the searching path starts from the same tensors
-        assert _same(c[1:], [case[k] for k in ("theta", "code", "param")] + [case["states"]])
+        assert bit_exact(c[1:], [case[k] for k in ("theta", "code", "param")] + [case["states"]])
 
 
 def test_c_refresh_finds_a_moved_threshold_among_ties_and_the_torch_kernels_decline() -> None:
@@ -401,7 +389,7 @@ def test_c_refresh_finds_a_moved_threshold_among_ties_and_the_torch_kernels_decl
         "spacing": (1e12, 1e12),
     }
     c, reference = _refresh_both(case)
-    assert _same(c, reference)
+    assert bit_exact(c, reference)
     done, _, code_after, param_after, states_after = c
     assert done.forward == Threshold(int(kernels.scores(torch.tensor(5.0))), 3)
     assert done.backward == previous[1]  # still four entries at or above it: it stays

@@ -3,7 +3,7 @@
 What the package does with NaN (``selection.magnitude_scores``): a NaN weight ranks below every real magnitude,
 ties among NaNs by position, so a NaN enters a set only once every non-NaN entry is in it. ``±inf`` ranks above every
 finite magnitude. The oracles are independent of the package: set sizes are ``D·n`` rounded half up by decimal
-arithmetic here (:func:`half_up`, not ``selection.count``), and the sets are a stable sort (NumPy's lexsort) over
+arithmetic (``conftest.half_up``, not ``selection.count``), and the sets are a stable sort (NumPy's lexsort) over
 ``tolist()``. Densities are often halves, quarters and eighths, so ``D·n`` often ends in exactly .5.
 test_selection.py and test_distributions.py hold the literal cases and the properties on tame values.
 """
@@ -11,10 +11,10 @@ test_selection.py and test_distributions.py hold the literal cases and the prope
 from __future__ import annotations
 
 import math
-from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import torch
+from conftest import half_up, make_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +29,6 @@ from lightning_topkast.selection import (
     search_thresholds,
     threshold,
 )
-from lightning_topkast.state import TopKAST
 
 PROPERTY = settings(max_examples=60, deadline=None)
 NAN, INF = float("nan"), float("inf")
@@ -44,16 +43,6 @@ HALVES = [0.5, 0.25, 0.75, 0.125, 0.375, 0.625, 0.875, 0.1, 0.3, 0.7, 0.9, 1 / 6
 densities = st.one_of(st.floats(0.0, 1.0, allow_nan=False), st.sampled_from(HALVES))
 # the callback's forward_sparsity is below 1 and its density is rounded to 12 digits, so D >= 1e-12
 budgets = st.one_of(st.floats(1e-12, 1.0), st.sampled_from(HALVES))
-
-
-def half_up(density: float, n: int) -> int:
-    """The size of a set of ``density`` out of ``n``: the float product ``density * n`` rounded half up, exactly."""
-    return int(Decimal(density * n).quantize(Decimal(1), rounding=ROUND_HALF_UP))
-
-
-def test_half_up_oracle_by_hand() -> None:
-    cases = {(0.5, 5): 3, (0.25, 10): 3, (0.5, 3): 2, (0.2, 10): 2, (0.75, 2): 2, (1.0, 7): 7, (0.0, 9): 0}
-    assert {case: half_up(*case) for case in cases} == cases
 
 
 @st.composite
@@ -230,7 +219,7 @@ def test_engine_keeps_the_budget_up_to_rounding(
     g = torch.Generator().manual_seed(seed)
     params = {name: torch.nn.Parameter(torch.randn(shape, generator=g)) for name, shape in shapes.items()}
     pool = list(shapes) if distribution == "global" else []
-    engine = TopKAST(params, pairs, global_pool=pool)
+    engine = make_engine(params, pairs, global_pool=pool)
     total = sum(math.prod(s) for s in shapes.values())
     kept_a = sum(int(t.forward_set.sum()) for t in engine.tensors.values())
     kept_b = sum(int(t.backward_set.sum()) for t in engine.tensors.values())
@@ -323,16 +312,16 @@ def test_engine_sets_equal_the_full_select_after_every_refresh(
     g = torch.Generator().manual_seed(seed)
     params = {f"t{i}": torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for i, s in enumerate(shapes)}
     names = list(params)
-    engine = TopKAST(
+    opt = torch.optim.SGD(params.values(), lr=0.5, momentum=0.9)
+    engine = make_engine(
         params,
-        dict.fromkeys(names, (d, dm)),
+        (d, dm),
+        [opt],
         update_interval=interval,
         early_refresh=early,
         global_pool=names if pool else (),
         penalty=1e-3,
     )
-    opt = torch.optim.SGD(params.values(), lr=0.5, momentum=0.9)
-    engine.attach([opt])
     for step in range(12):
         for p in params.values():
             p.grad = torch.randn(p.shape, generator=g).to(dtype)

@@ -1,8 +1,8 @@
 r"""Top-KAST against a naive reference written from the method's rules, sharing no code with the library.
 
 The reference (:class:`Reference`) keeps the dense θ of every parameter, selects A and B by a stable sort of |θ| in
-plain Python (ties to the lower index, NaN last, sizes rounded half up), and steps in the order of the method
-(docs: METHOD.md, "The three rules" and "Optimizer state"):
+plain Python (ties to the lower index, NaN last, sizes rounded half up by ``conftest.half_up``), and steps in the
+order of the method (docs: METHOD.md, "The three rules" and "Optimizer state"):
 
 1. the forward pass sees α = θ on A, 0 elsewhere; the gradient ∂L/∂α comes from autograd;
 2. on B, the gradient plus the penalty's λ·c·θ (c = 1 on A, 1/D on B \ A) goes through the optimizer's equations,
@@ -23,13 +23,12 @@ import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from conftest import MLP, make_loader, make_trainer
+from conftest import MLP, bit_exact, half_up, make_engine, make_loader, make_trainer
 from torch import Tensor
 from torch.func import functional_call
 from torch.nn import functional as F
@@ -42,11 +41,6 @@ MASKED = ("net.2.weight", "net.4.weight")  # the first layer is dense by default
 
 
 # --- the reference -----------------------------------------------------------------------------------------------
-
-
-def half_up(density: float, n: int) -> int:
-    """The size of a set: ``density * n`` (as floats multiply) rounded half up, by decimal arithmetic."""
-    return int(Decimal(density * n).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 def top_k(theta: Tensor, k: int) -> Tensor:
@@ -211,7 +205,7 @@ def assert_matches(got: dict, ref: Reference, step: int, rtol: float = 0.0) -> N
         assert {k for k, _, _ in pairs[2:]} == set(ref.state[name]), where
         for what, a, b in pairs:
             if rtol == 0.0:
-                assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (where, what, (a - b).abs().max())
+                assert bit_exact(a, b), (where, what, (a - b).abs().max())
             else:
                 torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7, msg=f"{where}, {what}")
 
@@ -241,12 +235,9 @@ def test_engine_equals_the_reference_at_every_step(optimizer: str, interval: int
     model = MLP()
     ref = Reference(model, optim, interval)
     params = dict(model.named_parameters())
-    engine = TopKAST(
-        {n: params[n] for n in MASKED}, dict.fromkeys(MASKED, (FORWARD, BACKWARD)), update_interval=interval,
-        penalty=PENALTY,
-    )  # fmt: skip
     opt = optim.build(model.parameters())
-    engine.attach([opt])
+    masked = {n: params[n] for n in MASKED}
+    engine = make_engine(masked, (FORWARD, BACKWARD), [opt], update_interval=interval, penalty=PENALTY)
     rtol = 1e-5 if optim.fused else 0.0
     loader = make_loader(n=STEPS * 8, batch_size=8)
     for step, (x, y) in enumerate(loader, 1):

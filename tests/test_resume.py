@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import ACCELERATORS, MLP, bit_exact, make_loader, make_trainer, saved_sets
+from conftest import ACCELERATORS, MLP, bit_exact, fit, make_loader, saved_sets
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
@@ -28,8 +28,7 @@ def _fit_two_epochs(
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     model = MLP(optimizer=optimizer)
     callbacks = [c for c in (callback, saver) if c]
-    trainer = make_trainer(tmp_path, callbacks, max_epochs=2, enable_checkpointing=True, accelerator=accelerator)
-    trainer.fit(model, make_loader())
+    fit(tmp_path, model, callbacks, max_epochs=2, enable_checkpointing=True, accelerator=accelerator)
     return model, callback, tmp_path / "ckpt" / "epoch=0.ckpt"
 
 
@@ -38,8 +37,14 @@ def _resume(
 ) -> MLP:
     torch.manual_seed(123)  # a different initialisation: everything must come from the checkpoint
     model = MLP(optimizer=optimizer)
-    trainer = make_trainer(tmp_path / "resumed", [callback] if callback else [], max_epochs=2, accelerator=accelerator)
-    trainer.fit(model, make_loader(), ckpt_path=ckpt)
+    fit(
+        tmp_path / "resumed",
+        model,
+        [callback] if callback else [],
+        max_epochs=2,
+        accelerator=accelerator,
+        ckpt_path=ckpt,
+    )
     return model
 
 
@@ -202,14 +207,16 @@ def _fp16_fit(root: Path, optimizer: str, interval: int, early: float | None, ck
     capture = Capture(topkast)
     saver = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    trainer = make_trainer(
+    trainer = fit(
         root / ("resumed" if ckpt else "run"),
+        model,
         [topkast, InfGradient(SKIPPED_BATCHES), capture, *([] if ckpt else [saver])],
+        make_loader(n=64, batch_size=8),
         max_epochs=2,
         enable_checkpointing=ckpt is None,
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        ckpt_path=ckpt,
     )
-    trainer.fit(model, make_loader(n=64, batch_size=8), ckpt_path=ckpt)
     assert topkast.engine is not None
     end = engine_state(topkast.engine, model, trainer.optimizers[0])
     return {"end": end, "scale": scaler.get_scale(), **capture.taken}
