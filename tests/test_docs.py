@@ -90,3 +90,31 @@ def test_the_fast_lane_leaves_out_notebooks_subprocesses_and_ddp() -> None:
     assert "test_ddp.py" not in collected
     assert "test_sigkill" not in collected
     assert re.search(r"(\d+)/(\d+) tests collected \((\d+) deselected\)", collected)
+
+
+def guarantee_rows() -> list[list[str]]:
+    """The cells of each row of the README's Guarantees table (the header and the rule left out)."""
+    section = README[README.index("## Guarantees") : README.index("## Limits")]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| guarantee | how it is tested | tests |"
+    return [re.split(r"(?<!\\)\|", line.strip())[1:-1] for line in lines[1:]]
+
+
+def test_every_guarantee_names_test_files_that_exist() -> None:
+    rows = guarantee_rows()
+    assert len(rows) == 13
+    for guarantee, _how, tests in rows:
+        named = re.findall(r"`([^`]+)`", tests)
+        assert named, guarantee
+        assert tests.strip() == ", ".join(f"`{path}`" for path in named), guarantee  # nothing else in the cell
+        for path in named:
+            assert re.fullmatch(r"tests/test_\w+\.py", path), (guarantee, path)
+            assert (ROOT / path).is_file(), (guarantee, path)
+
+
+def test_the_guarantees_check_fails_on_a_missing_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = README.replace("`tests/test_flops.py`", "`tests/test_flop.py`")
+    assert broken != README
+    monkeypatch.setattr(sys.modules[__name__], "README", broken)
+    with pytest.raises(AssertionError, match=r"tests/test_flop\.py"):
+        test_every_guarantee_names_test_files_that_exist()
