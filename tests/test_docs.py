@@ -118,3 +118,24 @@ def test_the_guarantees_check_fails_on_a_missing_file(monkeypatch: pytest.Monkey
     monkeypatch.setattr(sys.modules[__name__], "README", broken)
     with pytest.raises(AssertionError, match=r"tests/test_flop\.py"):
         test_every_guarantee_names_test_files_that_exist()
+
+
+def test_the_declared_license_ships_in_full() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]  # hatchling puts it in the wheel's dist-info/licenses/
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:5] == ["Apache", "License", "Version", "2.0,", "January"]
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert len(text.splitlines()) == 201
+
+
+def test_ci_trains_from_the_installed_wheel_outside_the_checkout() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip wheel . --no-deps" in ci
+    assert "grep -q 'dist-info/licenses/LICENSE$'" in ci
+    assert '(cd "$wheel_work" && LIGHTNING_TOPKAST_CACHE="$wheel_work/cache"' in ci  # outside, compiling afresh
+    smoke = (ROOT / ".ci" / "installed_smoke.py").read_text()
+    assert "where.is_relative_to(site)" in smoke
+    assert "kernels.CKernels" in smoke
