@@ -398,3 +398,42 @@ def test_c_refresh_finds_a_moved_threshold_among_ties_and_the_torch_kernels_decl
     assert param_after.tolist() == [0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert states_after[0].tolist() == [0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert TorchKernels().refresh(*case.values()) is None  # the torch kernels take the searching path
+
+
+def test_c_refresh_picks_an_entry_at_the_top_edge_of_its_window() -> None:
+    """The window is ``[lo, hi)`` with ``hi = ceil(t + (moved + margin)·spacing) + 1``: a k-th entry scoring
+    ``hi - 1`` is inside it, and the fused path must find it there, as the reference does."""
+    g = torch.Generator().manual_seed(3)
+    before = torch.randn(64, generator=g)
+    scores = kernels.scores(before)
+    ks = (8, 20)
+    previous = (_kth_entry(scores, ks[0]), _kth_entry(scores, ks[1]))
+    in_a, in_b = _sets(scores, previous[0]), _sets(scores, previous[1])
+    theta = before.clone()
+    explorer = int(torch.nonzero(in_b & ~in_a)[0])
+    theta[explorer] = 10.0  # B \ A outgrows A: one more entry above A's threshold, B's count is unchanged
+    now = kernels.scores(theta)
+    at_previous = (int(_sets(now, previous[0]).sum()), int(_sets(now, previous[1]).sum()))
+    assert at_previous == (ks[0] + 1, ks[1])
+    kth = _kth_entry(now, ks[0]).score  # the new 8th entry, above the old threshold
+    margin = 0.3 + 4 + 16  # moved = 1
+    spacing = next(
+        gap
+        for gap in ((kth - previous[0].score) / (1 + margin) * (1 + j * 1e-15) for j in range(-50, 50))
+        if math.ceil(previous[0].score + (1 + margin) * gap) == kth
+    )
+    code = in_b.to(torch.uint8) | (in_a.to(torch.uint8) << 1) | (in_a.to(torch.uint8) << 2)
+    case = {
+        "theta": theta,
+        "code": code,
+        "param": torch.where(in_a, theta, 0),
+        "states": [torch.randn(64, generator=g)],
+        "ks": ks,
+        "previous": previous,
+        "at_previous": at_previous,
+        "spacing": (spacing, None),
+    }
+    c, reference = _refresh_both(case)
+    assert reference[0] is not None  # the entry is in the window, at its top edge
+    assert reference[0].forward.score == kth
+    assert bit_exact(c, reference)
