@@ -125,6 +125,7 @@ def test_nan_enters_a_set_only_after_every_number(theta: torch.Tensor, d: float)
     is_nan = torch.isnan(flat)
     a, _ = forward_backward_sets(theta, d, d)
     chosen = a.flatten()
+    assert int(chosen.sum()) == half_up(d, flat.numel())
     numbers = int((~is_nan).sum())
     if half_up(d, flat.numel()) <= numbers:
         assert not bool((chosen & is_nan).any())
@@ -296,8 +297,8 @@ def test_incremental_refresh_equals_the_full_stable_top_k(
 @given(
     shapes=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=2).map(tuple), min_size=1, max_size=3),
     dtype=st.sampled_from(DTYPES),
-    d=st.floats(0.01, 1.0),
-    m=st.floats(0.01, 1.0),
+    d=st.one_of(st.floats(0.01, 1.0), st.sampled_from(HALVES)),
+    m=st.one_of(st.floats(0.01, 1.0), st.sampled_from(HALVES)),
     pool=st.booleans(),
     early=st.sampled_from([None, 0.0, 0.05]),
     interval=st.sampled_from([1, 2, 7]),
