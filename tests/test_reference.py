@@ -13,8 +13,9 @@ order of the method (docs: METHOD.md, "The three rules" and "Optimizer state"):
 
 The optimizers' equations are written out with the same elementwise torch operations in the same order as torch's
 single-tensor SGD and AdamW, so the engine and a real ``Trainer.fit`` must match the reference bit for bit. Fused
-AdamW runs one vectorised CPU kernel whose rounding differs from those operations (measured: a few ulp per step,
-growing through the moments); it is held to 1e-5 relative, with the sets still exactly equal.
+AdamW runs one vectorised CPU kernel whose rounding differs from those operations, and the difference grows through
+the moments; it is held to 1e-5 relative plus 1e-7 absolute (measured over 32 steps: at most 4e-5 relative, on
+entries near 0), with A and B still exactly equal at every step.
 """
 
 from __future__ import annotations
@@ -275,7 +276,7 @@ TRAINER_OPTIMIZERS = {  # the optimizers conftest.MLP configures (SGD: momentum 
 @pytest.mark.parametrize("optimizer", list(TRAINER_OPTIMIZERS))
 def test_trainer_fit_equals_the_reference_at_every_step(tmp_path: Any, optimizer: str) -> None:
     optim = TRAINER_OPTIMIZERS[optimizer]
-    model = MLP(optimizer=optimizer if optimizer != "sgd" else "sgd", lr=optim.lr)
+    model = MLP(optimizer=optimizer, lr=optim.lr)
     ref = Reference(model, optim)
     topkast = TopKASTCallback(verbose=False)
     snapshots = Snapshots(topkast, optim.state_names())
