@@ -136,6 +136,7 @@ def test_ci_trains_from_the_installed_wheel_outside_the_checkout() -> None:
     assert "pip wheel . --no-deps" in ci
     assert "grep -q 'dist-info/licenses/LICENSE$'" in ci
     assert '(cd "$wheel_work" && LIGHTNING_TOPKAST_CACHE="$wheel_work/cache"' in ci  # outside, compiling afresh
+    assert 'wait "$wheel_pid"' in ci
     smoke = (ROOT / ".ci" / "installed_smoke.py").read_text()
     assert "where.is_relative_to(site)" in smoke
     assert "kernels.CKernels" in smoke
