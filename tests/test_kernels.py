@@ -291,7 +291,9 @@ def reference_refresh(
         if not lo <= new.score < hi or inside > kernels.PICK_CAP:
             return None
         found.append(new)
-        gaps.append((new.score - old.score) / moved if new.score != old.score else gap)
+        # the kernel divides in double: past 2^53 score units (fp64) that can differ in the last bit from the exact
+        # quotient selection.search_threshold takes; a spacing only steers the next guess
+        gaps.append(float(new.score - old.score) / float(moved) if new.score != old.score else gap)
     in_a, in_b = (_sets(scores, t).view(theta.shape) for t in found)
     was_a, was_b = (code & A_BIT) != 0, (code & B_BIT) != 0
     left, size = int((was_a & ~in_a).sum()), int(in_a.sum())
@@ -436,4 +438,23 @@ def test_c_refresh_picks_an_entry_at_the_top_edge_of_its_window() -> None:
     c, reference = _refresh_both(case)
     assert reference[0] is not None  # the entry is in the window, at its top edge
     assert reference[0].forward.score == kth
+    assert bit_exact(c, reference)
+
+
+def test_c_refresh_window_keeps_its_open_end_past_2_53_in_fp64() -> None:
+    """fp64 scores exceed 2^53: the window's + 1 added in double was lost, leaving an empty window (found by
+    hypothesis); added as an integer, as ``selection.search_threshold`` does, the entry is found."""
+    one = int(kernels.scores(torch.tensor(1.0, dtype=torch.float64)))
+    case = {
+        "theta": torch.tensor([NAN, 1.0], dtype=torch.float64),  # the k-th entry (index 0) became NaN
+        "code": torch.tensor([7, 0], dtype=torch.uint8),
+        "param": torch.tensor([NAN, 0.0], dtype=torch.float64),
+        "states": [],
+        "ks": (1, 1),
+        "previous": (Threshold(one, 1), Threshold(one, 1)),
+        "at_previous": (0, 0),
+        "spacing": (1.0, 1.0),
+    }
+    c, reference = _refresh_both(case)
+    assert reference[0] == kernels.Refreshed(Threshold(one, 2), Threshold(one, 2), (1.0, 1.0), 1, 1)
     assert bit_exact(c, reference)
