@@ -346,9 +346,13 @@ int32_t NAME(refresh)(int64_t n, const T *restrict theta, uint8_t *restrict code
     if (!(spacing[b] > 0)) return 0;
     double distance = moved < 0 ? (double)-moved : (double)moved;
     double margin = 0.3 * distance + 4.0 * sqrt(distance) + 16.0, t = (double)thresholds[2 * b];
-    double lo = floor(t + ((double)moved - margin) * spacing[b]), hi = ceil(t + ((double)moved + margin) * spacing[b]) + 1;
-    windows[2 * b] = lo < -1 ? -1 : (int64_t)lo;
-    windows[2 * b + 1] = hi > (double)(top + 1) ? top + 1 : (int64_t)hi;
+    double lo = floor(t + ((double)moved - margin) * spacing[b]), hi = ceil(t + ((double)moved + margin) * spacing[b]);
+    /* both ends clamped to the score range before the cast: a guess far outside it is an empty window, as in
+     * selection.search_threshold, not a wrapped one (the scores are 32-bit for fp32); the open end's + 1 is added
+     * as an integer, as there: fp64 scores pass 2^53, where a double's + 1 is lost */
+    double end = (double)(top + 1);
+    windows[2 * b] = lo < -1 ? -1 : (lo > end ? top + 1 : (int64_t)lo);
+    windows[2 * b + 1] = hi < -2 ? -1 : (hi >= end ? top + 1 : (int64_t)hi + 1);
   }
   T *const thetas[1] = {(T *)theta};
   if (NAME(pick)(1, &n, thetas, windows, ks, cap, found) != 0) return -1;

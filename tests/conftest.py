@@ -11,9 +11,11 @@ if not (os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi")):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json
+import re
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -75,6 +78,11 @@ class MLP(L.LightningModule):
         if self.optimizer in ("adamw", "adamw-fused"):  # fused: one kernel per tensor, torch's fast path on CPU
             return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1, fused=self.optimizer != "adamw")
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-2)
+
+
+# MLP() under the callback's defaults (first layer dense, sparsities 0.8 and 0.5) masks a 16x16 and a 3x16 weight:
+# |A| = round(0.2 * 256) = 51, |B| = round(0.5 * 256) = 128; |A| = round(0.2 * 48) = 10, |B| = round(0.5 * 48) = 24.
+MLP_SET_SIZES = {"net.2.weight": (51, 128), "net.4.weight": (10, 24)}
 
 
 class GAN(L.LightningModule):
@@ -138,25 +146,91 @@ class RNGState(L.Callback):
         torch.set_rng_state(state_dict["torch"])
 
 
-def assert_alpha(engine: Any) -> None:
-    """Every masked parameter holds α = θ on A, exactly 0 elsewhere; |A| and |B| are exact counts; A ⊆ B.
+def half_up(density: float, n: int) -> int:
+    """The size of a set of ``density`` out of ``n``: the float product ``density * n`` rounded half up, by decimal
+    arithmetic. The tests' oracle for set sizes, written apart from ``selection.count``.
 
-    Counts are per tensor, or over the whole pool for tensors ranked together (``distribution="global"``).
+    Examples:
+        >>> [half_up(0.5, 5), half_up(0.25, 10), half_up(0.5, 3), half_up(0.2, 10), half_up(1.0, 7)]
+        [3, 3, 2, 2, 7]
     """
-    from lightning_topkast.selection import count
+    return int(Decimal(density * n).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
-    pool = [t for t in engine.tensors.values() if t.in_global_pool]
+
+def make_engine(
+    params: Mapping[str, torch.Tensor] | None = None,
+    densities: tuple[float, float] | Mapping[str, tuple[float, float]] = (0.25, 0.5),
+    optimizers: list[torch.optim.Optimizer] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A ``TopKAST`` engine over ``params`` (default: the weight of an ``nn.Linear(16, 8)``, named ``w``).
+
+    ``densities`` is one (D, D + M) for every tensor or one per name; ``optimizers`` are attached; ``kwargs`` go to
+    the engine (``update_interval``, ``penalty``, ``global_pool``, ...).
+    """
+    from lightning_topkast import TopKAST
+
+    params = {"w": nn.Linear(16, 8).weight} if params is None else params
+    pairs = dict(densities) if isinstance(densities, Mapping) else dict.fromkeys(params, densities)
+    engine = TopKAST(params, pairs, **kwargs)
+    if optimizers:
+        engine.attach(optimizers)
+    return engine
+
+
+def engine_of(callback: Any) -> Any:
+    """The engine a ``TopKASTCallback`` built at fit start (it must have one)."""
+    assert callback.engine is not None, "the callback has no engine: fit has not started"
+    return callback.engine
+
+
+def assert_alpha(engine: Any, snapshot: Mapping[str, Any] | None = None) -> None:
+    """Every masked parameter holds α = θ on A, exactly 0 elsewhere (NaN where θ is NaN on A); |A| and |B| are
+    exact half-up counts (:func:`half_up`); A ⊆ B.
+
+    ``snapshot``: what was recorded earlier, ``{name: {"param", "theta", "A", "B"}}``, or what the parameters held
+    alone, ``{name: tensor}`` (a model's state_dict), against the engine's θ and sets; default: the engine as it
+    stands. Counts are per tensor, or over the whole pool for tensors ranked together (``distribution="global"``).
+    """
+    held = {}
     for name, t in engine.tensors.items():
-        alpha = torch.where(t.forward_set, t.theta, 0)
-        torch.testing.assert_close(t.param.detach(), alpha, rtol=0, atol=0, equal_nan=True, msg=name)
-        assert not bool((t.forward_set & ~t.backward_set).any()), name
-        if not t.in_global_pool:
-            assert int(t.forward_set.sum()) == count(t.forward_density, t.numel), name
-            assert int(t.backward_set.sum()) == count(t.backward_density, t.numel), name
-    if pool:
-        numel = sum(t.numel for t in pool)
-        assert sum(int(t.forward_set.sum()) for t in pool) == count(pool[0].forward_density, numel)
-        assert sum(int(t.backward_set.sum()) for t in pool) == count(pool[0].backward_density, numel)
+        live = {"param": t.param.detach(), "theta": t.theta, "A": t.forward_set, "B": t.backward_set}
+        given = live if snapshot is None else snapshot[name]
+        held[name] = {**live, "param": given} if isinstance(given, torch.Tensor) else given
+    for name, h in held.items():
+        alpha = torch.where(h["A"], h["theta"], 0)
+        torch.testing.assert_close(h["param"], alpha, rtol=0, atol=0, equal_nan=True, msg=name)
+        assert not bool((h["A"] & ~h["B"]).any()), name
+    pool = [name for name, t in engine.tensors.items() if t.in_global_pool]
+    units = [[name] for name, t in engine.tensors.items() if not t.in_global_pool] + ([pool] if pool else [])
+    for names in units:
+        first, numel = engine.tensors[names[0]], sum(engine.tensors[n].numel for n in names)
+        assert sum(int(held[n]["A"].sum()) for n in names) == half_up(first.forward_density, numel), names
+        assert sum(int(held[n]["B"].sum()) for n in names) == half_up(first.backward_density, numel), names
+
+
+def bit_exact(a: object, b: object) -> bool:
+    """Equal bits: tensors of one dtype and shape whose bytes match (NaN equals NaN, -0.0 differs from 0.0), and
+    tuples, lists and dicts of them item by item; anything else by ``==``."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        bits = (lambda t: t.reshape(-1).view(torch.uint8)) if a.is_floating_point() else (lambda t: t)
+        return torch.equal(bits(a), bits(b))
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(bit_exact(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(bit_exact(a[k], b[k]) for k in a)
+    return a == b
+
+
+def fit(root: Any, model: L.LightningModule, callbacks: list[L.Callback], data: Any = ..., **kwargs: Any) -> L.Trainer:
+    """Fit ``model`` with :func:`make_trainer` (``kwargs`` go to the Trainer, ``ckpt_path`` to ``fit``); returns the
+    trainer. ``data``: a loader or a datamodule, None for the model's own dataloaders; default :func:`make_loader`."""
+    ckpt_path = kwargs.pop("ckpt_path", None)
+    trainer = make_trainer(root, callbacks, **kwargs)
+    trainer.fit(model, make_loader() if data is ... else data, ckpt_path=ckpt_path)
+    return trainer
 
 
 def make_trainer(tmp_path: Any, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
@@ -242,6 +316,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.suffix == ".ipynb":
             item.add_marker(pytest.mark.slow)
+
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def guaranteed_count(words: str) -> int:
+    """The number the README's Guarantees table states before ``words``: the one place the tests' counts come from."""
+    table = README[README.index("## Guarantees") : README.index("## Limits")]
+    found = re.findall(rf"(\d+) {re.escape(words)}", table)
+    assert len(found) == 1, (words, found)
+    return int(found[0])
+
+
+@pytest.fixture
+def optimizer_steps() -> Iterator[list[object]]:
+    """Every optimizer step taken during the test, by any optimizer (a global torch step post-hook, removed after)."""
+    taken: list[object] = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: taken.append(opt))
+    yield taken
+    handle.remove()
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import make_trainer, saved_sets
+from conftest import MLP_SET_SIZES, make_trainer, saved_sets
 from crash_worker import CHECKPOINT_EVERY, STEPS, StepMLP, dummy_loader, run
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -37,10 +37,6 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "crash_worker.py"
 DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TIMEOUT_S = 120
-
-# MLP(8, 16, 3) with the first layer dense masks a 16x16 and a 3x16 weight; the callback's defaults keep
-# |A| = round(0.2 * n) and |B| = round(0.5 * n).
-SET_SIZES = {"net.2.weight": (51, 128), "net.4.weight": (10, 24)}
 
 
 # --- comparing states -----------------------------------------------------------------------------------------------
@@ -197,7 +193,7 @@ def test_sigkill_mid_step_then_resume_from_last_checkpoint_is_bit_exact(
     assert resumed["start"]["refreshes"] == checkpointed // update_interval < kill_at // update_interval
     assert resumed["topkast"]["refreshes"] == STEPS // update_interval
     assert resumed["topkast"]["steps"] == [STEPS]
-    for name, (a, b) in SET_SIZES.items():
+    for name, (a, b) in MLP_SET_SIZES.items():
         saved = resumed["topkast"]["tensors"][name]
         assert tuple(int(s.sum()) for s in saved_sets(saved)) == (a, b)
         assert torch.equal(resumed["state_dict"][name], forward_weights(saved))
@@ -284,7 +280,7 @@ def test_every_checkpoint_saved_inside_a_step_holds_a_consistent_state(
         step = checkpoint["global_step"]
         assert state["steps"] == [step], path.name
         assert state["refreshes"] == step // INSIDE_INTERVAL, path.name
-        for name, (a, b) in SET_SIZES.items():
+        for name, (a, b) in MLP_SET_SIZES.items():
             saved = state["tensors"][name]
             assert tuple(int(s.sum()) for s in saved_sets(saved)) == (a, b), path.name
             assert torch.equal(checkpoint["state_dict"][name], forward_weights(saved)), path.name
@@ -304,7 +300,7 @@ def test_every_checkpoint_saved_inside_a_step_holds_a_consistent_state(
         if step:
             assert_identical(after_step[step]["topkast"], state, path.name)
             assert_identical(after_step[step]["optimizer_states"], checkpoint["optimizer_states"], path.name)
-        for name in SET_SIZES:
+        for name in MLP_SET_SIZES:
             saved, weights = state["tensors"][name], checkpoint["state_dict"][name]
             # with the saver after TopKASTCallback, the live parameter holds θ on B at this point (so the update
             # reaches B \ A); the callback still puts α into the checkpoint, which is the sparse model as it is

@@ -22,10 +22,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from conftest import engine_of
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_topkast import TopKASTCallback
-from lightning_topkast.state import TopKAST
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -115,7 +115,7 @@ class RefreshLog(L.Callback):
         self.batches: list[list[str]] = []  # sorted digests of the rows of each batch this rank saw
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._engine().refresh_listeners.append(lambda moved: self._on_refresh(trainer))
+        engine_of(self.topkast).refresh_listeners.append(lambda moved: self._on_refresh(trainer))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -125,7 +125,7 @@ class RefreshLog(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         final = {f"param/{name}": p.detach().clone() for name, p in pl_module.named_parameters()}
         final.update(self._sets())
-        engine = self._engine()
+        engine = engine_of(self.topkast)
         payload = {
             "gathered": self.gathered,
             "refreshes": self.refreshes,
@@ -135,19 +135,15 @@ class RefreshLog(L.Callback):
         }
         torch.save(payload, self.out / f"{self.prefix}{trainer.global_rank}.pt")
 
-    def _engine(self) -> TopKAST:
-        assert self.topkast.engine is not None
-        return self.topkast.engine
-
     def _sets(self) -> dict[str, torch.Tensor]:
         sets = {}
-        for name, t in self._engine().tensors.items():
+        for name, t in engine_of(self.topkast).tensors.items():
             sets.update({f"A/{name}": t.forward_set.clone(), f"B/{name}": t.backward_set.clone()})
             sets[f"theta/{name}"] = t.theta.clone()
         return sets
 
     def _on_refresh(self, trainer: L.Trainer) -> None:
-        tensors = self._engine().tensors.values()
+        tensors = engine_of(self.topkast).tensors.values()
         digest = _digest(torch.cat([torch.cat([t.forward_set.flatten(), t.backward_set.flatten()]) for t in tensors]))
         gathered: list[Any] = [digest]
         if torch.distributed.is_initialized():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -150,9 +151,9 @@ def _model(layers: int = 4, width: int = 12, seed: int = 0, dtype: torch.dtype =
 
 
 def _engine(model: nn.Module, densities: dict[str, tuple[float, float]] | None = None, **kwargs: object) -> TopKAST:
+    """conftest's engine over the model's weight matrices, at 75/40 unless ``densities`` say otherwise."""
     params = {n: p for n, p in model.named_parameters() if p.dim() == 2}
-    densities = densities or dict.fromkeys(params, (0.25, 0.6))
-    return TopKAST(params, densities, **kwargs)  # type: ignore[arg-type]
+    return make_engine(params, densities or (0.25, 0.6), **kwargs)
 
 
 def _train(model: nn.Module, engine: TopKAST, optimizer: torch.optim.Optimizer, steps: int, skip: str = "") -> None:
@@ -336,9 +337,9 @@ def test_a_lightning_fit_on_the_device_path_keeps_every_invariant(
 ) -> None:
     """The callback as on a GPU (the engine's device is taken for CUDA), in a real Trainer.fit on CPU tensors."""
     import lightning as L
+    from conftest import MLP, make_loader
 
     from lightning_topkast import TopKASTCallback
-    from tests.conftest import MLP, make_loader
 
     monkeypatch.setattr(state, "_on_cuda", lambda params: True)
     callback = TopKASTCallback(

@@ -90,3 +90,53 @@ def test_the_fast_lane_leaves_out_notebooks_subprocesses_and_ddp() -> None:
     assert "test_ddp.py" not in collected
     assert "test_sigkill" not in collected
     assert re.search(r"(\d+)/(\d+) tests collected \((\d+) deselected\)", collected)
+
+
+def guarantee_rows() -> list[list[str]]:
+    """The cells of each row of the README's Guarantees table (the header and the rule left out)."""
+    section = README[README.index("## Guarantees") : README.index("## Limits")]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| guarantee | how it is tested | tests |"
+    return [re.split(r"(?<!\\)\|", line.strip())[1:-1] for line in lines[1:]]
+
+
+def test_every_guarantee_names_test_files_that_exist() -> None:
+    rows = guarantee_rows()
+    assert len(rows) == 14
+    for guarantee, _how, tests in rows:
+        named = re.findall(r"`([^`]+)`", tests)
+        assert named, guarantee
+        assert tests.strip() == ", ".join(f"`{path}`" for path in named), guarantee  # nothing else in the cell
+        for path in named:
+            assert re.fullmatch(r"tests/test_\w+\.py", path), (guarantee, path)
+            assert (ROOT / path).is_file(), (guarantee, path)
+
+
+def test_the_guarantees_check_fails_on_a_missing_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = README.replace("`tests/test_flops.py`", "`tests/test_flop.py`")
+    assert broken != README
+    monkeypatch.setattr(sys.modules[__name__], "README", broken)
+    with pytest.raises(AssertionError, match=r"tests/test_flop\.py"):
+        test_every_guarantee_names_test_files_that_exist()
+
+
+def test_the_declared_license_ships_in_full() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]  # hatchling puts it in the wheel's dist-info/licenses/
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:5] == ["Apache", "License", "Version", "2.0,", "January"]
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert len(text.splitlines()) == 201
+
+
+def test_ci_trains_from_the_installed_wheel_outside_the_checkout() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip wheel . --no-deps" in ci
+    assert "grep 'dist-info/licenses/LICENSE$' >/dev/null" in ci
+    assert '(cd "$wheel_work" && LIGHTNING_TOPKAST_CACHE="$wheel_work/cache"' in ci  # outside, compiling afresh
+    assert 'wait "$wheel_pid"' in ci
+    smoke = (ROOT / ".ci" / "installed_smoke.py").read_text()
+    assert "where.is_relative_to(site)" in smoke
+    assert "kernels.CKernels" in smoke

@@ -19,14 +19,14 @@ from typing import Any, Literal
 import lightning as L
 import pytest
 import torch
-from conftest import MLP, make_loader, make_trainer
+from conftest import MLP, bit_exact, engine_of, fit, make_loader
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor
 
 from lightning_topkast import TopKASTCallback
-from lightning_topkast.state import MaskedTensor, TopKAST
+from lightning_topkast.state import MaskedTensor
 
 MASKED = ["net.2.weight", "net.4.weight"]  # the MLP's first Linear stays dense (dense_first_layer=True)
 BATCHES = 8  # make_loader(n=64, batch_size=8), one epoch
@@ -60,11 +60,6 @@ class Snapshot:
     skipped: int
 
 
-def _engine(callback: TopKASTCallback) -> TopKAST:
-    assert callback.engine is not None
-    return callback.engine
-
-
 def _region(tensor: MaskedTensor, region: Region) -> Tensor:
     return {
         "A": tensor.forward_set,
@@ -92,7 +87,7 @@ class Probe(Callback):
         self.injected = 0  # gradient entries written
 
     def _snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Snapshot:
-        engine = _engine(self.topkast)
+        engine = engine_of(self.topkast)
         names = {id(p): name for name, p in pl_module.named_parameters()}
         state = {
             names[id(p)]: {k: v.clone() for k, v in s.items() if isinstance(v, Tensor)}
@@ -114,7 +109,7 @@ class Probe(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.batch_idx = batch_idx
-        engine = _engine(self.topkast)
+        engine = engine_of(self.topkast)
         self.alpha_at_start.append(all(torch.equal(t.param, _alpha(t)) for t in engine.tensors.values()))
         self.start.append(self._snapshot(trainer, pl_module))
 
@@ -124,7 +119,7 @@ class Probe(Callback):
             return
         self.hit[self.batch_idx] = {}
         for name in fault.tensors:
-            tensor = _engine(self.topkast).tensors[name]
+            tensor = engine_of(self.topkast).tensors[name]
             assert tensor.param.grad is not None
             where = _region(tensor, fault.region).flatten().nonzero().flatten()
             where = where if fault.fill else where[:1]
@@ -137,7 +132,7 @@ class Probe(Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if self.batch_idx in self.faults:
             self.prepared_differs[self.batch_idx] = any(
-                not torch.equal(t.param, _alpha(t)) for t in _engine(self.topkast).tensors.values()
+                not torch.equal(t.param, _alpha(t)) for t in engine_of(self.topkast).tensors.values()
             )
 
     def on_train_batch_end(
@@ -147,14 +142,14 @@ class Probe(Callback):
         self.end.append(self._snapshot(trainer, pl_module))
 
 
-def _fit(
+def _fit_probed(
     tmp_path: Path, faults: dict[int, Fault], optimizer: str = "sgd", update_interval: int = 1, **kwargs: Any
 ) -> tuple[Probe, TopKASTCallback]:
+    """:func:`conftest.fit` of the MLP with a :class:`Probe` injecting ``faults`` after the callback."""
     L.seed_everything(0, verbose=False)
     topkast = TopKASTCallback(update_interval=update_interval, exploration_penalty=1e-3, verbose=False)
     probe = Probe(topkast, faults)
-    trainer = make_trainer(tmp_path, [topkast, probe], **kwargs)
-    trainer.fit(MLP(optimizer=optimizer), make_loader(n=64, batch_size=8))
+    fit(tmp_path, MLP(optimizer=optimizer), [topkast, probe], make_loader(n=64, batch_size=8), **kwargs)
     return probe, topkast
 
 
@@ -164,20 +159,12 @@ def _assert_equal_states(a: Snapshot, b: Snapshot, context: object) -> None:
         left, right = getattr(a, field), getattr(b, field)
         assert left.keys() == right.keys(), (context, field)
         for name in left:
-            assert _same(left[name], right[name]), (context, field, name)
+            assert bit_exact(left[name], right[name]), (context, field, name)
     assert a.state.keys() == b.state.keys(), context
     for name in a.state:
         assert a.state[name].keys() == b.state[name].keys(), (context, name)
         for key in a.state[name]:
-            assert _same(a.state[name][key], b.state[name][key]), (context, name, key)
-
-
-def _same(x: Tensor, y: Tensor) -> bool:
-    """Bit-exact equality that also holds where both tensors hold NaN in the same entries."""
-    if torch.equal(x, y) or not x.dtype.is_floating_point:
-        return torch.equal(x, y)
-    nan = x.isnan()
-    return torch.equal(nan, y.isnan()) and torch.equal(x[~nan], y[~nan])
+            assert bit_exact(a.state[name][key], b.state[name][key]), (context, name, key)
 
 
 def _all_finite(snapshot: Snapshot) -> bool:
@@ -200,7 +187,7 @@ def test_grad_scaler_skips_faulty_steps_and_leaves_no_trace(tmp_path: Path, opti
     faulty = {2: Fault("A", (value,)), 5: Fault("B\\A", (value,))}
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     precision = MixedPrecision("16-mixed", "cpu", scaler=scaler)
-    probe, topkast = _fit(
+    probe, topkast = _fit_probed(
         tmp_path,
         faulty,
         optimizer=optimizer,
@@ -208,7 +195,7 @@ def test_grad_scaler_skips_faulty_steps_and_leaves_no_trace(tmp_path: Path, opti
         logger=CSVLogger(tmp_path, name="csv", version=0),
         log_every_n_steps=1,
     )
-    engine = _engine(topkast)
+    engine = engine_of(topkast)
 
     assert probe.injected == 2
     assert scaler.get_scale() == 1024.0 / 4  # the scaler found both faults and halved its scale for each
@@ -249,8 +236,8 @@ def test_grad_scaler_skips_faulty_steps_and_leaves_no_trace(tmp_path: Path, opti
 
 def test_bf16_inf_gradient_in_forward_set_reaches_the_weight(tmp_path: Path) -> None:
     faulty = 2
-    probe, topkast = _fit(tmp_path, {faulty: Fault("A", (math.inf,))}, precision="bf16-mixed", max_steps=4)
-    engine = _engine(topkast)
+    probe, topkast = _fit_probed(tmp_path, {faulty: Fault("A", (math.inf,))}, precision="bf16-mixed", max_steps=4)
+    engine = engine_of(topkast)
 
     assert probe.injected == 1
     assert engine.steps == [4]
@@ -274,7 +261,7 @@ def test_bf16_nan_gradient_at_a_refresh_drops_the_weight_and_training_goes_on(tm
     holds it and training goes on finite; from then on nothing outside B may change, the NaN weight included, and
     the optimizer state outside B stays zero at every step, refresh or not (the NaN in θ must not leak into it)."""
     faulty, update_interval = 1, 2  # the second update (batch 1) ends in a refresh; batches 2 and 4 do not
-    probe, topkast = _fit(
+    probe, topkast = _fit_probed(
         tmp_path,
         {faulty: Fault("A", (math.nan,))},
         optimizer=optimizer,
@@ -282,7 +269,7 @@ def test_bf16_nan_gradient_at_a_refresh_drops_the_weight_and_training_goes_on(tm
         precision="bf16-mixed",
         max_steps=6,
     )
-    engine = _engine(topkast)
+    engine = engine_of(topkast)
 
     assert probe.injected == 1
     assert engine.steps == [6]
@@ -297,7 +284,7 @@ def test_bf16_nan_gradient_at_a_refresh_drops_the_weight_and_training_goes_on(tm
         assert end.params["net.2.weight"][hit].tolist() == [0.0], batch
         for name in MASKED:
             kept_out = ~start.backward_set[name]
-            assert _same(end.theta[name][kept_out], start.theta[name][kept_out]), (batch, name)
+            assert bit_exact(end.theta[name][kept_out], start.theta[name][kept_out]), (batch, name)
             new_outside = ~end.backward_set[name]
             for key, value in end.state[name].items():
                 if value.shape == end.theta[name].shape:
@@ -317,9 +304,9 @@ def test_non_finite_gradient_outside_b_is_dropped_without_skipping_the_step(tmp_
     step is not counted as skipped."""
     fill = Fault("outside B", NON_FINITE, fill=True, tensors=tuple(MASKED))
     faulty = {1: fill, 2: fill, 4: fill}  # update_interval=2: the faults hit steps that end in a refresh and not
-    clean, _ = _fit(tmp_path / "clean", {}, optimizer=optimizer, update_interval=2, max_steps=6)
-    probe, topkast = _fit(tmp_path / "faulty", faulty, optimizer=optimizer, update_interval=2, max_steps=6)
-    engine = _engine(topkast)
+    clean, _ = _fit_probed(tmp_path / "clean", {}, optimizer=optimizer, update_interval=2, max_steps=6)
+    probe, topkast = _fit_probed(tmp_path / "faulty", faulty, optimizer=optimizer, update_interval=2, max_steps=6)
+    engine = engine_of(topkast)
 
     outside = {name: int((~probe.start[1].backward_set[name]).sum()) for name in MASKED}
     assert probe.injected == 3 * sum(outside.values()) == 3 * ((256 - 128) + (48 - 24))
@@ -347,8 +334,8 @@ def test_grad_scaler_skips_a_step_whose_only_non_finite_gradient_is_outside_b(tm
     faulty = 2
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     precision = MixedPrecision("16-mixed", "cpu", scaler=scaler)
-    probe, topkast = _fit(tmp_path, {faulty: Fault("outside B", (math.inf,))}, plugins=[precision], max_steps=4)
-    engine = _engine(topkast)
+    probe, topkast = _fit_probed(tmp_path, {faulty: Fault("outside B", (math.inf,))}, plugins=[precision], max_steps=4)
+    engine = engine_of(topkast)
 
     assert probe.injected == 1
     assert scaler.get_scale() == 512.0

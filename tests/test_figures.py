@@ -11,21 +11,14 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from conftest import MLP, make_loader, make_trainer, wandb_history
+from conftest import MLP, fit, make_engine, wandb_history
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch import nn
 
 from lightning_topkast import TopKASTCallback, figures
 from lightning_topkast.reporting import thresholds
-from lightning_topkast.state import TopKAST
 
 KEYS = ["topkast/masks/densities", "topkast/masks/magnitude/net.2.weight", "topkast/masks/magnitude/net.4.weight"]
-
-
-def _engine() -> TopKAST:
-    layer = nn.Linear(16, 8)
-    return TopKAST({"w": layer.weight}, {"w": (0.25, 0.5)})
 
 
 # --- the figures --------------------------------------------------------------------------------------------------
@@ -39,7 +32,7 @@ def test_thresholds_are_the_smallest_magnitudes_in_a_and_b() -> None:
 
 
 def test_histogram_marks_both_thresholds_and_splits_the_weights_by_set() -> None:
-    tensor = _engine().tensors["w"]
+    tensor = make_engine().tensors["w"]
     figure = figures.magnitude_histogram("w", tensor, step=3)
     (ax,) = figure.axes
     lines = {line.get_label(): line.get_xdata()[0] for line in ax.lines}
@@ -63,7 +56,7 @@ def test_density_chart_shows_each_tensor_forward_and_backward_density() -> None:
 
 
 def test_mask_images_are_rgb_arrays_under_one_key_each() -> None:
-    images = figures.mask_images(_engine().tensors, step=1, prefix="topkast")
+    images = figures.mask_images(make_engine().tensors, step=1, prefix="topkast")
     assert sorted(images) == ["topkast/masks/densities", "topkast/masks/magnitude/w"]
     for image in images.values():
         assert image.dtype == np.uint8
@@ -100,17 +93,17 @@ class Drawn:
         monkeypatch.setattr(figures, "mask_images", spy)
 
 
-def _fit(tmp_path: Path, logger: Any, every: int = 2) -> TopKASTCallback:
+def _fit_drawing(tmp_path: Path, logger: Any, every: int = 2) -> TopKASTCallback:
+    """:func:`conftest.fit` for 5 steps, drawing the masks every ``every`` steps for ``logger``."""
     topkast = TopKASTCallback(log_masks_every_n_steps=every, verbose=False)
-    trainer = make_trainer(tmp_path, [topkast], max_steps=5, max_epochs=-1, logger=logger, log_every_n_steps=1)
-    trainer.fit(MLP(), make_loader())
+    fit(tmp_path, MLP(), [topkast], max_steps=5, max_epochs=-1, logger=logger, log_every_n_steps=1)
     return topkast
 
 
 def test_tensorboard_gets_the_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     drawn = Drawn(monkeypatch)
     logger = TensorBoardLogger(tmp_path, name="tb")
-    _fit(tmp_path, logger)
+    _fit_drawing(tmp_path, logger)
     assert [step for step, _ in drawn.images] == [2, 4]  # optimizer steps done when drawn
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()
@@ -128,7 +121,7 @@ def test_wandb_offline_run_gets_the_images(tmp_path: Path, monkeypatch: pytest.M
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="topkast-tests")
     run = logger.experiment
     try:
-        _fit(tmp_path, logger)
+        _fit_drawing(tmp_path, logger)
         files, run_file = Path(run.dir), Path(run.dir).parent / f"run-{run.id}.wandb"
     finally:
         run.finish()
@@ -149,7 +142,7 @@ def test_loggers_without_media_are_skipped_and_nothing_is_drawn(
 ) -> None:
     drawn = Drawn(monkeypatch)
     logger = CSVLogger(tmp_path, name="csv")
-    topkast = _fit(tmp_path, logger, every=1)
+    topkast = _fit_drawing(tmp_path, logger, every=1)
     assert topkast.engine is not None
     assert topkast.engine.steps == [5]
     assert drawn.images == []
@@ -157,5 +150,5 @@ def test_loggers_without_media_are_skipped_and_nothing_is_drawn(
 
 def test_off_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     drawn = Drawn(monkeypatch)
-    _fit(tmp_path, TensorBoardLogger(tmp_path, name="tb"), every=0)
+    _fit_drawing(tmp_path, TensorBoardLogger(tmp_path, name="tb"), every=0)
     assert drawn.images == []

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import MLP, make_loader, make_trainer, wandb_config
+from conftest import MLP, engine_of, make_loader, make_trainer, wandb_config
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -21,7 +21,6 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 import lightning_topkast
 from lightning_topkast import TopKASTCallback
 from lightning_topkast.selection import count, forward_backward_sets
-from lightning_topkast.state import TopKAST
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,15 +46,10 @@ class FitStart(L.Callback):
         self.steps: list[int] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        engine = _engine(self.topkast)
+        engine = engine_of(self.topkast)
         self.params = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
         self.theta = {name: t.theta.clone() for name, t in engine.tensors.items()}
         self.steps = list(engine.steps)
-
-
-def _engine(callback: TopKASTCallback) -> TopKAST:
-    assert callback.engine is not None
-    return callback.engine
 
 
 def _checkpoint(tmp_path: Path, with_callback: bool, seed: int = 7) -> Path:
@@ -121,7 +115,7 @@ def test_fit_resume_then_validate_then_fit_on_one_trainer_and_callback(tmp_path:
     model = Evaluated()
     trainer = make_trainer(tmp_path, [topkast, start], max_steps=5, max_epochs=-1)
     trainer.fit(model, make_loader(), ckpt_path=sparse)  # resumes: steps 4 and 5 after the checkpoint's 3
-    assert _engine(topkast).steps == [5]
+    assert engine_of(topkast).steps == [5]
 
     trainer.validate(model, make_loader(), ckpt_path=dense, verbose=False)  # the model now holds `dense`'s weights
     loaded = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -132,14 +126,14 @@ def test_fit_resume_then_validate_then_fit_on_one_trainer_and_callback(tmp_path:
     _assert_starts_from_its_own_weights(start, loaded)
 
 
-def test_a_second_fit_without_evaluation_in_between_continues_the_engine(tmp_path: Path) -> None:
+def test_a_second_fit_without_evaluation_in_between_continues_theengine_of(tmp_path: Path) -> None:
     """The control: nothing loaded between two fits, so the engine and its θ outside A carry on."""
     topkast = TopKASTCallback(verbose=False)
     start = FitStart(topkast)
     model = Evaluated()
     trainer = make_trainer(tmp_path, [topkast, start], max_steps=2)
     trainer.fit(model, make_loader())
-    engine, theta = _engine(topkast), {name: t.theta.clone() for name, t in _engine(topkast).tensors.items()}
+    engine, theta = engine_of(topkast), {name: t.theta.clone() for name, t in engine_of(topkast).tensors.items()}
     trainer.fit_loop.epoch_loop.max_steps = 4
     trainer.fit(model, make_loader())
     assert topkast.engine is engine
@@ -187,7 +181,7 @@ def test_two_callbacks_with_disjoint_targets_train_log_and_resume_bit_exactly(tm
         log_every_n_steps=1,
     )
     trainer.fit(reference, make_loader())
-    first, second = (_engine(cb) for cb in reference_callbacks)
+    first, second = (engine_of(cb) for cb in reference_callbacks)
     assert list(first.tensors) == ["net.0.weight", "net.2.weight"]
     assert list(second.tensors) == ["net.4.weight"]
     assert int(second.tensors["net.4.weight"].forward_set.sum()) == count(0.5, 48)
@@ -209,10 +203,10 @@ def test_two_callbacks_with_disjoint_targets_train_log_and_resume_bit_exactly(tm
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     for expected, got in zip(reference_callbacks, resumed_callbacks, strict=True):
-        assert _engine(got).steps == _engine(expected).steps == [8]
-        for name, t in _engine(expected).tensors.items():
-            assert torch.equal(_engine(got).tensors[name].theta, t.theta), name
-            assert torch.equal(_engine(got).tensors[name].forward_set, t.forward_set), name
+        assert engine_of(got).steps == engine_of(expected).steps == [8]
+        for name, t in engine_of(expected).tensors.items():
+            assert torch.equal(engine_of(got).tensors[name].theta, t.theta), name
+            assert torch.equal(engine_of(got).tensors[name].forward_set, t.forward_set), name
 
 
 class Stepped(L.Callback):
@@ -289,7 +283,7 @@ def test_every_logger_gets_the_resolved_configuration(tmp_path: Path) -> None:
         in_process = dict(run.config)
     finally:
         run.finish()
-    engine = _engine(topkast)
+    engine = engine_of(topkast)
     expected = {
         **EXPECTED_HPARAMS,
         # net.2.weight is the first layer of the default selection after exclude: kept dense

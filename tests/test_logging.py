@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import MLP, make_loader, make_trainer, wandb_history
+from conftest import MLP, MLP_SET_SIZES, make_loader, make_trainer, wandb_history
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -25,9 +25,6 @@ from lightning_topkast import TopKASTCallback
 from lightning_topkast.reporting import density_metrics
 
 FORWARD_SPARSITY, BACKWARD_SPARSITY, PENALTY = 0.8, 0.5, 1e-3
-# MLP(features=8, hidden=16, classes=3), first layer dense: |A| = round(0.2 * 256) = 51, |B| = round(0.5 * 256) = 128
-# for the 16x16 weight, |A| = round(0.2 * 48) = 10, |B| = round(0.5 * 48) = 24 for the 3x16 one.
-EXPECTED_SIZES = {"net.2.weight": (51, 128), "net.4.weight": (10, 24)}
 MASKED_NUMEL = 16 * 16 + 3 * 16
 LINEAR_LAYERS = [("net.0.weight", 8, 16), ("net.2.weight", 16, 16), ("net.4.weight", 16, 3)]  # (weight, in, out)
 SAMPLES, BATCH_SIZE, EPOCHS = 64, 8, 2  # 16 optimizer steps: the last step is logged for log_every_n_steps 1, 2, 4
@@ -166,12 +163,12 @@ def check_logged(logged: dict[int, dict[str, float]], topkast: TopKASTCallback, 
     """Every logged row against the independent computation, plus the invariants across rows."""
     assert expected.sizes, "no optimizer step ran"
     for sizes in expected.sizes:
-        assert {name: s[:2] for name, s in sizes.items()} == EXPECTED_SIZES
+        assert {name: s[:2] for name, s in sizes.items()} == MLP_SET_SIZES
         assert all(nonzero == a for a, _, nonzero in sizes.values())
 
     assert sorted(logged) == sorted(expected.rows)
     per_tensor = (
-        [f"{key}/{name}" for key in PER_TENSOR_KEYS for name in EXPECTED_SIZES] if topkast.log_per_tensor else []
+        [f"{key}/{name}" for key in PER_TENSOR_KEYS for name in MLP_SET_SIZES] if topkast.log_per_tensor else []
     )
     for step, row in logged.items():
         want = expected.rows[step]
@@ -182,7 +179,7 @@ def check_logged(logged: dict[int, dict[str, float]], topkast: TopKASTCallback, 
         assert row[P + "penalty"] == pytest.approx(want["penalty"], rel=1e-5), step
         # each tensor's |A| is D * n rounded, so the actual density is within half a weight per tensor of the target
         gap = abs(row[P + "forward_density"] - row[P + "forward_density_target"])
-        assert gap <= 0.5 * len(EXPECTED_SIZES) / MASKED_NUMEL, step
+        assert gap <= 0.5 * len(MLP_SET_SIZES) / MASKED_NUMEL, step
         if want["turnover"] is None:
             # No refresh since the previous log: the mask did not move. Absent by design; 0.0 would also be truthful,
             # but a value carried over from an earlier log is not.

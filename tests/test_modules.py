@@ -7,14 +7,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from conftest import assert_alpha, make_trainer
+from conftest import assert_alpha, engine_of, fit, half_up
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_topkast import TopKASTCallback
-from lightning_topkast.selection import count
 from lightning_topkast.state import TopKAST
 
 STEPS = 4
@@ -122,17 +121,12 @@ def _data(kind: str, classes: int = 3) -> tuple[Tensor, Tensor]:
     return inputs[kind](), torch.randint(0, classes, (n,), generator=g)
 
 
-def _engine(callback: TopKASTCallback) -> TopKAST:
-    assert callback.engine is not None
-    return callback.engine
-
-
-def _fit(tmp_path: Path, model: Classifier, data: tuple[Tensor, Tensor], **kwargs: Any) -> TopKAST:
+def _fit_and_check(tmp_path: Path, model: Classifier, data: tuple[Tensor, Tensor], **kwargs: Any) -> TopKAST:
+    """:func:`conftest.fit` for ``STEPS`` steps with ``TopKASTCallback(**kwargs)``; then the model trained sparse."""
     callback = TopKASTCallback(update_interval=2, verbose=False, **kwargs)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = make_trainer(tmp_path, [callback], max_steps=STEPS)
-    trainer.fit(model, DataLoader(TensorDataset(*data), batch_size=8))
-    engine = _engine(callback)
+    fit(tmp_path, model, [callback], DataLoader(TensorDataset(*data), batch_size=8), max_steps=STEPS)
+    engine = engine_of(callback)
 
     assert engine.steps == [STEPS]
     assert len(model.losses) == STEPS
@@ -141,7 +135,7 @@ def _fit(tmp_path: Path, model: Classifier, data: tuple[Tensor, Tensor], **kwarg
     params = dict(model.named_parameters())
     for name, t in engine.tensors.items():
         assert params[name] is t.param, name
-        assert int(t.param.count_nonzero()) == count(t.forward_density, t.numel), name
+        assert int(t.param.count_nonzero()) == half_up(t.forward_density, t.numel), name
         assert not torch.equal(t.theta, initial[name]), name  # it trained
     return engine
 
@@ -159,7 +153,7 @@ def _assert_forward_is_sparse(model: nn.Module, engine: TopKAST, x: Tensor) -> N
 
 def test_conv2d(tmp_path: Path) -> None:
     model, data = ConvNet(), _data("image")
-    engine = _fit(tmp_path, model, data)
+    engine = _fit_and_check(tmp_path, model, data)
     assert list(engine.tensors) == ["conv2.weight", "head.weight"]
     assert engine.tensors["conv2.weight"].numel == 144
     assert int(engine.tensors["conv2.weight"].forward_set.sum()) == 29  # round(0.2 * 144)
@@ -168,14 +162,14 @@ def test_conv2d(tmp_path: Path) -> None:
 
 def test_embedding(tmp_path: Path) -> None:
     model, data = EmbeddingBag(), _data("tokens")
-    engine = _fit(tmp_path, model, data, dense_first_layer=False)
+    engine = _fit_and_check(tmp_path, model, data, dense_first_layer=False)
     assert list(engine.tensors) == ["emb.weight", "head.weight"]
     _assert_forward_is_sparse(model, engine, data[0])
 
 
 def test_multihead_attention(tmp_path: Path) -> None:
     model, data = Attention(), _data("set")
-    engine = _fit(tmp_path, model, data, dense_first_layer=False)
+    engine = _fit_and_check(tmp_path, model, data, dense_first_layer=False)
     assert list(engine.tensors) == ["attn.in_proj_weight", "attn.out_proj.weight", "head.weight"]
     _assert_forward_is_sparse(model, engine, data[0])
 
@@ -194,7 +188,7 @@ def _lstm_reference(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: T
 
 def test_lstm_runs_on_the_masked_flat_weights(tmp_path: Path) -> None:
     model, data = Recurrent(), _data("sequence")
-    engine = _fit(tmp_path, model, data, dense_first_layer=False)
+    engine = _fit_and_check(tmp_path, model, data, dense_first_layer=False)
     assert list(engine.tensors) == ["lstm.weight_ih_l0", "lstm.weight_hh_l0", "head.weight"]
     _assert_forward_is_sparse(model, engine, data[0])
 
@@ -210,7 +204,7 @@ def test_lstm_runs_on_the_masked_flat_weights(tmp_path: Path) -> None:
 
 def test_tied_weight_has_one_mask_seen_by_both_modules(tmp_path: Path) -> None:
     model, data = TiedLM(), _data("tokens", classes=12)
-    engine = _fit(tmp_path, model, data, dense_first_layer=False)
+    engine = _fit_and_check(tmp_path, model, data, dense_first_layer=False)
     assert list(engine.tensors) == ["emb.weight", "mid.weight"]
     tied = engine.tensors["emb.weight"]
     assert model.head.weight is model.emb.weight is tied.param
@@ -229,7 +223,7 @@ def test_tied_weight_has_one_mask_seen_by_both_modules(tmp_path: Path) -> None:
 
 def test_functional_linear_on_a_raw_parameter(tmp_path: Path) -> None:
     model, data = Functional(), _data("vector")
-    engine = _fit(tmp_path, model, data, include=["w"], dense_first_layer=False)
+    engine = _fit_and_check(tmp_path, model, data, include=["w"], dense_first_layer=False)
     assert list(engine.tensors) == ["w"]
     assert int(model.w.count_nonzero()) == 10  # round(0.2 * 48)
     _assert_forward_is_sparse(model, engine, data[0])

@@ -10,16 +10,16 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import MLP, make_loader, make_trainer
+from conftest import MLP, assert_alpha, bit_exact, engine_of, fit, half_up, make_loader, make_trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.func import functional_call
 
 from lightning_topkast import TopKASTCallback
-from lightning_topkast.selection import count
 from lightning_topkast.state import TopKAST
 
 STEPS = 6  # 64 samples / batch 16 = 4 steps per epoch: a refresh at 3 and 6, and an epoch boundary between
+RUN = {"max_steps": STEPS, "max_epochs": 2}
 
 
 class Recording(MLP):
@@ -41,19 +41,6 @@ class Recording(MLP):
         return out
 
 
-def _engine(callback: TopKASTCallback) -> TopKAST:
-    assert callback.engine is not None
-    return callback.engine
-
-
-def _fit(
-    tmp_path: Path, model: L.LightningModule, callback: TopKASTCallback, *extra: Callback, **kwargs: Any
-) -> L.Trainer:
-    trainer = make_trainer(tmp_path, [callback, *extra], max_steps=STEPS, max_epochs=2, **kwargs)
-    trainer.fit(model, make_loader())
-    return trainer
-
-
 def _callback() -> TopKASTCallback:
     return TopKASTCallback(update_interval=3, early_refresh=None, verbose=False)
 
@@ -62,37 +49,24 @@ def _state(model: torch.nn.Module) -> dict[str, Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
-def _assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
-    assert list(a) == list(b)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
-def _assert_holds_alpha(engine: TopKAST, params: dict[str, Tensor]) -> None:
-    for name, t in engine.tensors.items():
-        assert torch.equal(params[name], torch.where(t.forward_set, t.theta, 0)), name
-        assert int(t.forward_set.sum()) == count(t.forward_density, t.numel), name
-        assert int(t.backward_set.sum()) == count(t.backward_density, t.numel), name
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The plain run every variant below must reproduce bit for bit: final weights and final θ."""
     L.seed_everything(0, verbose=False)
     callback = _callback()
     model = MLP()
-    _fit(tmp_path_factory.mktemp("reference"), model, callback)
-    return _state(model), {name: t.theta.clone() for name, t in _engine(callback).tensors.items()}
+    fit(tmp_path_factory.mktemp("reference"), model, [callback], **RUN)
+    return _state(model), {name: t.theta.clone() for name, t in engine_of(callback).tensors.items()}
 
 
 def _assert_reproduces(
     reference: tuple[dict[str, Tensor], dict[str, Tensor]], model: torch.nn.Module, callback: TopKASTCallback
 ) -> None:
     weights, thetas = reference
-    _assert_same(_state(model), weights)
-    _assert_same({name: t.theta for name, t in _engine(callback).tensors.items()}, thetas)
-    assert _engine(callback).steps == [STEPS]
-    assert _engine(callback).refreshes == STEPS // 3  # every 3 steps; the selection at fit start is not one
+    assert bit_exact(_state(model), weights)
+    assert bit_exact({name: t.theta for name, t in engine_of(callback).tensors.items()}, thetas)
+    assert engine_of(callback).steps == [STEPS]
+    assert engine_of(callback).refreshes == STEPS // 3  # every 3 steps; the selection at fit start is not one
 
 
 # --- optimizer subclasses --------------------------------------------------------------------------------------
@@ -117,7 +91,7 @@ def test_an_optimizer_subclass_calling_super_step_is_one_update(
     L.seed_everything(0, verbose=False)
     callback = _callback()
     model = SubclassedSGDModel()
-    _fit(tmp_path, model, callback)
+    fit(tmp_path, model, [callback], **RUN)
     _assert_reproduces(reference, model, callback)
 
 
@@ -130,7 +104,7 @@ def test_deepcopy_of_the_callback_before_fit_trains_like_the_original(
     original = _callback()
     duplicate = copy.deepcopy(original)
     model = MLP()
-    _fit(tmp_path, model, duplicate)
+    fit(tmp_path, model, [duplicate], **RUN)
     _assert_reproduces(reference, model, duplicate)
     assert original.engine is None  # the copy shares nothing with its source
 
@@ -146,7 +120,7 @@ class DeepCopier(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         duplicate = copy.deepcopy(pl_module)
-        alpha = {name: torch.where(t.forward_set, t.theta, 0) for name, t in _engine(self.topkast).tensors.items()}
+        alpha = {name: torch.where(t.forward_set, t.theta, 0) for name, t in engine_of(self.topkast).tensors.items()}
         self.copies.append((_state(duplicate), alpha))
         duplicate.net[2].weight.data.fill_(7.0)  # a copy that is edited must not reach the training run
 
@@ -157,7 +131,7 @@ def test_deepcopy_of_the_module_mid_fit_holds_alpha_and_changes_nothing(
     callback = _callback()
     copier = DeepCopier(callback)
     model = MLP()
-    _fit(tmp_path, model, callback, copier)
+    fit(tmp_path, model, [callback, copier], **RUN)
     assert len(copier.copies) == STEPS
     for state, alpha in copier.copies:
         for name, expected in alpha.items():
@@ -173,7 +147,7 @@ def test_simple_profiler_changes_nothing(
 ) -> None:
     callback = _callback()
     model = MLP()
-    trainer = _fit(tmp_path, model, callback, profiler="simple")
+    trainer = fit(tmp_path, model, [callback], profiler="simple", **RUN)
     _assert_reproduces(reference, model, callback)
     summary = trainer.profiler.summary()
     # the profiler timed the callback's hooks, so it really wrapped them
@@ -218,12 +192,12 @@ def test_compiled_inner_net_trains_sparse(tmp_path: Path, backend: str) -> None:
     torch._dynamo.reset()
     callback = _callback()
     model = CompiledNet(backend)
-    _fit(tmp_path, model, callback)
-    engine = _engine(callback)
+    fit(tmp_path, model, [callback], **RUN)
+    engine = engine_of(callback)
     params = {name: p.detach() for name, p in model.named_parameters()}
     assert sorted(engine.tensors) == ["net._orig_mod.2.weight", "net._orig_mod.4.weight"]
     assert engine.steps == [STEPS]
-    _assert_holds_alpha(engine, params)
+    assert_alpha(engine, params)
     # the compiled graph reads the parameters at every call: it sees α, as an eager forward does
     x = make_loader().dataset.tensors[0]
     eager = model.net._orig_mod(x)
@@ -245,11 +219,11 @@ def test_compiled_lightning_module_trains_like_eager(
     torch._dynamo.reset()
     callback = _callback()
     model = Quiet()
-    _fit(tmp_path, torch.compile(model, backend="aot_eager"), callback)
-    engine = _engine(callback)
+    fit(tmp_path, torch.compile(model, backend="aot_eager"), [callback], **RUN)
+    engine = engine_of(callback)
     assert sorted(engine.tensors) == ["net.2.weight", "net.4.weight"]
     assert engine.steps == [STEPS]
-    _assert_holds_alpha(engine, dict(model.named_parameters()))
+    assert_alpha(engine, dict(model.named_parameters()))
     weights, _ = reference
     for name, value in _state(model).items():
         torch.testing.assert_close(value, weights[name], rtol=1e-4, atol=1e-6)
@@ -275,16 +249,16 @@ def _evaluate(trainer: L.Trainer, model: Recording) -> None:
 def test_validate_test_predict_after_fit_see_alpha(tmp_path: Path) -> None:
     callback = _callback()
     model = Recording()
-    trainer = _fit(tmp_path, model, callback)
-    engine = _engine(callback)
+    trainer = fit(tmp_path, model, [callback], **RUN)
+    engine = engine_of(callback)
     before, steps, refreshes = _state(model), list(engine.steps), engine.refreshes
     _evaluate(trainer, model)
     expected = _by_hand(model, engine)
     # the module itself ran on α: zeros outside A really are zeros in the evaluated layers
-    assert int(torch.count_nonzero(model.net[2].weight)) <= count(engine.tensors["net.2.weight"].forward_density, 256)
+    assert int(torch.count_nonzero(model.net[2].weight)) <= half_up(engine.tensors["net.2.weight"].forward_density, 256)
     for stage in ("validate", "test", "predict"):
         assert torch.equal(torch.cat(model.outputs[stage]), expected), stage
-    _assert_same(_state(model), before)
+    assert bit_exact(_state(model), before)
     assert engine.steps == steps
     assert engine.refreshes == refreshes
 
@@ -292,15 +266,15 @@ def test_validate_test_predict_after_fit_see_alpha(tmp_path: Path) -> None:
 def test_trained_callback_on_a_new_trainer_only_evaluates(tmp_path: Path) -> None:
     callback = _callback()
     model = Recording()
-    _fit(tmp_path, model, callback)
-    engine = _engine(callback)
+    fit(tmp_path, model, [callback], **RUN)
+    engine = engine_of(callback)
     before, thetas = _state(model), {name: t.theta.clone() for name, t in engine.tensors.items()}
     _evaluate(make_trainer(tmp_path / "eval", [callback]), model)
     expected = _by_hand(model, engine)
     for stage in ("validate", "test", "predict"):
         assert torch.equal(torch.cat(model.outputs[stage]), expected), stage
-    _assert_same(_state(model), before)
-    _assert_same({name: t.theta for name, t in engine.tensors.items()}, thetas)
+    assert bit_exact(_state(model), before)
+    assert bit_exact({name: t.theta for name, t in engine.tensors.items()}, thetas)
     assert callback.engine is engine
     assert engine.steps == [STEPS]
 
@@ -311,7 +285,7 @@ def test_fresh_callback_on_an_evaluation_trainer_masks_nothing(tmp_path: Path) -
     before = _state(model)
     _evaluate(make_trainer(tmp_path, [callback]), model)
     assert callback.engine is None  # masks are built at fit start only
-    _assert_same(_state(model), before)
+    assert bit_exact(_state(model), before)
     assert int(torch.count_nonzero(model.net[2].weight)) == 256  # still dense
     with torch.no_grad():
         dense = model(make_loader().dataset.tensors[0])

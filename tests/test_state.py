@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 import torch
-from conftest import needs_cuda
+from conftest import assert_alpha, make_engine, needs_cuda
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -58,19 +58,11 @@ def setup(
     optimizer: str = "sgd", update_interval: int = 1, penalty: float = 0.0, device: str = "cpu", **kwargs
 ) -> tuple[nn.Sequential, TopKAST, torch.optim.Optimizer]:
     model = make_model().to(device)
-    engine = TopKAST(masked_params(model), DENSITIES, update_interval=update_interval, penalty=penalty, **kwargs)
     opt = OPTIMIZERS[optimizer](model.parameters())
-    engine.attach([opt])
+    engine = make_engine(
+        masked_params(model), DENSITIES, [opt], update_interval=update_interval, penalty=penalty, **kwargs
+    )
     return model, engine, opt
-
-
-def assert_holds_alpha(engine: TopKAST) -> None:
-    for name, t in engine.tensors.items():
-        assert torch.equal(t.param.detach(), torch.where(t.forward_set, t.theta, 0)), name
-        assert int((t.param != 0).sum()) == count(t.forward_density, t.numel), name
-        assert int(t.forward_set.sum()) == count(t.forward_density, t.numel), name
-        assert int(t.backward_set.sum()) == count(t.backward_density, t.numel), name
-        assert not bool((t.forward_set & ~t.backward_set).any()), name
 
 
 # --- the naive reference ----------------------------------------------------------------------------------------------
@@ -140,7 +132,7 @@ def test_engine_with_sgd_matches_the_naive_reference(update_interval: int, stren
             torch.testing.assert_close(
                 dict(model.named_parameters())[name].detach(), expected[name], rtol=1e-12, atol=0
             )
-        assert_holds_alpha(engine)
+        assert_alpha(engine)
     assert engine.steps == [steps]
     assert engine.refreshes == steps // update_interval  # the initial selection is not a refresh
     assert refreshes_that_moved > 0  # the comparison covers weights moving between the sets
@@ -156,13 +148,13 @@ def test_every_step_keeps_alpha_and_freezes_weights_outside_b(
     optimizer: str, update_interval: int, compiled: bool
 ) -> None:
     model, engine, opt = setup(optimizer, update_interval, penalty=0.01, compiled=compiled)
-    assert_holds_alpha(engine)
+    assert_alpha(engine)
     initial = {name: t.theta.clone() for name, t in engine.tensors.items()}
     for step in range(7):
         theta = {name: t.theta.clone() for name, t in engine.tensors.items()}
         backward = {name: t.backward_set.clone() for name, t in engine.tensors.items()}
         train_step(model, engine, opt, step)
-        assert_holds_alpha(engine)
+        assert_alpha(engine)
         for name, t in engine.tensors.items():
             outside = ~backward[name]
             # the B of this step: nothing outside it moved, not by weight decay, momentum or Adam
@@ -238,7 +230,7 @@ def test_skipped_step_restores_alpha() -> None:
     for name, t in engine.tensors.items():
         assert torch.equal(t.param.detach(), alpha[name])
         assert torch.equal(t.theta, theta[name])
-    assert_holds_alpha(engine)
+    assert_alpha(engine)
     assert engine.skipped_steps == 1
     assert engine.steps == [1]
     assert engine.restore_forward_weights() == 0  # nothing pending any more
@@ -246,7 +238,7 @@ def test_skipped_step_restores_alpha() -> None:
     opt.zero_grad()
     train_step(model, engine, opt, 1)
     assert engine.steps == [2]
-    assert_holds_alpha(engine)
+    assert_alpha(engine)
 
 
 def test_skipped_step_is_restored_by_the_next_before_step() -> None:
@@ -258,7 +250,7 @@ def test_skipped_step_is_restored_by_the_next_before_step() -> None:
     train_step(model, engine, opt, 1)
     assert engine.skipped_steps == 1
     assert engine.steps == [1]
-    assert_holds_alpha(engine)
+    assert_alpha(engine)
 
 
 def test_optimizer_step_without_before_step_raises() -> None:
@@ -321,7 +313,7 @@ def test_penalty_shrinks_b_by_lr_lambda_c_theta(decoupled: bool) -> None:
         assert torch.equal(t.theta[~b], initial[name][~b])
         shrink = 1 - t.theta[b] / initial[name][b]
         assert torch.allclose(shrink, lr * strength * c[b], rtol=1e-12, atol=0)
-    assert_holds_alpha(runs[strength])
+    assert_alpha(runs[strength])
 
 
 def test_decoupled_penalty_stays_outside_momentum() -> None:
@@ -405,7 +397,7 @@ def test_state_dict_round_trip_onto_a_fresh_engine_continues_exactly() -> None:
     fresh_opt = torch.optim.SGD(fresh_model.parameters(), lr=0.1)
     fresh.attach([fresh_opt])
     assert_same_engine_state(engine, fresh)
-    assert_holds_alpha(fresh)
+    assert_alpha(fresh)
     for step in range(4, 9):  # straddles the refresh at step 6
         train_step(model, engine, opt, step)
         train_step(fresh_model, fresh, fresh_opt, step)
@@ -535,7 +527,7 @@ def test_two_optimizers_step_and_count_separately() -> None:
     engine.before_step(second)
     second.step()
     assert engine.steps == [3, 1]
-    assert_holds_alpha(engine)
+    assert_alpha(engine)
 
 
 def test_refresh_listeners_get_the_turnover_of_every_tensor() -> None:
@@ -566,7 +558,7 @@ def test_unused_parameter_is_left_alone() -> None:
     opt.step()
     assert engine.tensors["2.weight"].param.grad is None
     assert torch.equal(engine.tensors["2.weight"].theta, theta)
-    assert_holds_alpha(engine)
+    assert_alpha(engine)
 
 
 def test_two_optimizers_prepared_together_then_stepped() -> None:
@@ -593,7 +585,7 @@ def test_two_optimizers_prepared_together_then_stepped() -> None:
             model.zero_grad()
         assert engine.steps == [3, 3]
         assert engine.skipped_steps == 0
-        assert_holds_alpha(engine)
+        assert_alpha(engine)
         runs.append(engine)
     for name, t in runs[0].tensors.items():
         assert torch.equal(t.theta, runs[1].tensors[name].theta), name
@@ -640,7 +632,7 @@ def test_update_interval_is_the_longest_gap_and_early_refresh_fires_on_explorers
     assert (engine.refreshes, engine.early_refreshes) == (1, 1)
     _explorer_step(engine, opt, "0.weight", grow=0)  # ten steps after the last refresh: the interval is up
     assert (engine.refreshes, engine.early_refreshes) == (2, 1)
-    assert_holds_alpha(engine)
+    assert_alpha(engine)
 
 
 def test_without_early_refresh_the_interval_alone_decides() -> None:
@@ -721,7 +713,7 @@ def _assert_same_as_host_path(
         for name, t in host.tensors.items():
             assert torch.equal(t.theta, device.tensors[name].theta), name
             assert torch.equal(t.code, device.tensors[name].code), name
-    assert_holds_alpha(device)
+    assert_alpha(device)
 
 
 @pytest.mark.parametrize("early_refresh", [None, 0.05])
@@ -780,7 +772,7 @@ def test_sync_free_early_refresh_acts_one_step_after_its_test() -> None:
     assert engine.refreshes == 0
     _explorer_step(engine, opt, "0.weight", grow=0)  # ... and the refresh runs at the next step
     assert (engine.refreshes, engine.early_refreshes) == (1, 1)
-    assert_holds_alpha(engine)
+    assert_alpha(engine)
 
 
 @pytest.mark.parametrize("update_interval", [1, 100])

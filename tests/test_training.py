@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import ACCELERATORS, GAN, MLP, make_loader, make_trainer
+from conftest import ACCELERATORS, GAN, MLP, assert_alpha, engine_of, fit, half_up, make_loader, make_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
@@ -17,7 +17,6 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_topkast import TopKASTCallback, kernels, validation
-from lightning_topkast.selection import count
 from lightning_topkast.state import TopKAST
 
 MASKED = ["net.2.weight", "net.4.weight"]  # the MLP's first Linear stays dense (dense_first_layer=True)
@@ -28,11 +27,6 @@ Snapshot = dict[str, dict[str, Tensor]]
 
 def _loader() -> DataLoader:
     return make_loader(n=64, batch_size=8)
-
-
-def _engine(callback: TopKASTCallback) -> TopKAST:
-    assert callback.engine is not None
-    return callback.engine
 
 
 def _snapshot(engine: TopKAST) -> Snapshot:
@@ -71,10 +65,10 @@ class Recorder(Callback):
         self.sync_free: bool | None = None  # as the fit ran: the engine follows the module to the CPU at its end
 
     def _listen(self, moved: dict[str, tuple[int, int]]) -> None:
-        self.refresh_log.append((sorted(moved), list(_engine(self.topkast).steps)))
+        self.refresh_log.append((sorted(moved), list(engine_of(self.topkast).steps)))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        engine = _engine(self.topkast)
+        engine = engine_of(self.topkast)
         if self._listen not in engine.refresh_listeners:
             engine.refresh_listeners.append(self._listen)
         self.start = _snapshot(engine)
@@ -82,12 +76,12 @@ class Recorder(Callback):
         self.sync_free = engine.sync_free
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        self.before.append(_snapshot(_engine(self.topkast)))
+        self.before.append(_snapshot(engine_of(self.topkast)))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        engine = _engine(self.topkast)
+        engine = engine_of(self.topkast)
         self.after.append(_snapshot(engine))
         self.steps.append(list(engine.steps))
         self.refreshes.append(engine.refreshes - self.start_refreshes)
@@ -100,7 +94,7 @@ class Recorder(Callback):
         self.optimizer_state.append(states)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.end = _snapshot(_engine(self.topkast))
+        self.end = _snapshot(engine_of(self.topkast))
 
 
 class Spy(MLP):
@@ -143,23 +137,12 @@ class Spy(MLP):
         return super().configure_optimizers()
 
 
-def _fit(
+def _fit_recorded(
     tmp_path: Path, model: L.LightningModule, callback: TopKASTCallback, loader: DataLoader | None = None, **kwargs: Any
 ) -> tuple[Recorder, L.Trainer]:
+    """:func:`conftest.fit` with a :class:`Recorder` listed after ``callback``."""
     recorder = Recorder(callback)
-    trainer = make_trainer(tmp_path, [callback, recorder], **kwargs)
-    trainer.fit(model, loader if loader is not None else _loader())
-    return recorder, trainer
-
-
-def _assert_invariants(snapshot: Snapshot, engine: TopKAST) -> None:
-    """Parameter holds α = θ on A, 0 elsewhere; |A| and |B| exact; A ⊆ B."""
-    for name, s in snapshot.items():
-        t = engine.tensors[name]
-        assert torch.equal(s["param"], torch.where(s["A"], s["theta"], 0)), name
-        assert int(s["A"].sum()) == count(t.forward_density, t.numel), name
-        assert int(s["B"].sum()) == count(t.backward_density, t.numel), name
-        assert not (s["A"] & ~s["B"]).any(), name
+    return recorder, fit(tmp_path, model, [callback, recorder], loader if loader is not None else _loader(), **kwargs)
 
 
 def _assert_top_k(theta: Tensor, mask: Tensor) -> None:
@@ -184,8 +167,8 @@ def test_every_step_holds_forward_weights_and_exact_sets(
     tmp_path: Path, update_interval: int, optimizer: str, accelerator: str
 ) -> None:
     callback = TopKASTCallback(update_interval=update_interval, early_refresh=None, verbose=False)
-    recorder, trainer = _fit(tmp_path, MLP(optimizer=optimizer), callback, accelerator=accelerator)
-    engine = _engine(callback)
+    recorder, trainer = _fit_recorded(tmp_path, MLP(optimizer=optimizer), callback, accelerator=accelerator)
+    engine = engine_of(callback)
 
     assert sorted(engine.tensors) == MASKED
     assert recorder.sync_free is (accelerator == "gpu")  # on a GPU no step waits for a value read back
@@ -195,14 +178,14 @@ def test_every_step_holds_forward_weights_and_exact_sets(
     assert [names for names, _ in recorder.refresh_log] == [MASKED] * (BATCHES // update_interval)
     assert engine.skipped_steps == 0
 
-    _assert_invariants(recorder.start, engine)
+    assert_alpha(engine, recorder.start)
     for s in recorder.start.values():
         _assert_top_k(s["theta"], s["A"])
         _assert_top_k(s["theta"], s["B"])
     previous = recorder.start
     forward_set_changes = 0
     for step, snapshot in enumerate(recorder.after, start=1):
-        _assert_invariants(snapshot, engine)
+        assert_alpha(engine, snapshot)
         if step % update_interval == 0:
             for name, s in snapshot.items():
                 _assert_top_k(s["theta"], s["A"])
@@ -213,7 +196,7 @@ def test_every_step_holds_forward_weights_and_exact_sets(
         previous = snapshot
     assert forward_set_changes > 0  # the sets really moved, so the checks above saw refreshes that mattered
 
-    _assert_invariants(recorder.end, engine)
+    assert_alpha(engine, recorder.end)
     for name, s in recorder.end.items():
         assert torch.equal(s["theta"], recorder.after[-1][name]["theta"].cpu()), name
         assert torch.equal(dict(trainer.lightning_module.named_parameters())[name].detach(), s["param"]), name
@@ -230,14 +213,14 @@ def test_early_refresh_keeps_every_invariant(
     """Refreshes at steps θ chooses, per tensor: each holds the top-k right after it, and sets stay put between.
     On a GPU the test of one step decides the refresh at the next (``sync_free``): the same invariants hold."""
     callback = TopKASTCallback(update_interval=BATCHES + 1, early_refresh=early_refresh, verbose=False)
-    recorder, _ = _fit(tmp_path, MLP(optimizer=optimizer), callback, accelerator=accelerator)
-    engine = _engine(callback)
+    recorder, _ = _fit_recorded(tmp_path, MLP(optimizer=optimizer), callback, accelerator=accelerator)
+    engine = engine_of(callback)
     assert 0 < engine.early_refreshes == engine.refreshes < BATCHES
     refreshed_at = {steps[0]: names for names, steps in recorder.refresh_log}
     assert len(refreshed_at) == engine.refreshes
     previous = recorder.start
     for step, snapshot in enumerate(recorder.after, start=1):
-        _assert_invariants(snapshot, engine)
+        assert_alpha(engine, snapshot)
         for name, s in snapshot.items():
             if name in refreshed_at.get(step, []):
                 _assert_top_k(s["theta"], s["A"])
@@ -262,8 +245,8 @@ def test_nothing_outside_backward_set_moves(
 ) -> None:
     callback = TopKASTCallback(update_interval=3, early_refresh=None, verbose=False)
     model = Spy(optimizer=optimizer)
-    recorder, _ = _fit(tmp_path, model, callback, accelerator=accelerator)
-    engine = _engine(callback)
+    recorder, _ = _fit_recorded(tmp_path, model, callback, accelerator=accelerator)
+    engine = engine_of(callback)
 
     assert len(recorder.before) == len(model.at_clipping) == len(recorder.after) == BATCHES
     for step, (before, clipping, after, state) in enumerate(
@@ -291,14 +274,14 @@ def test_nothing_outside_backward_set_moves(
     assert torch.equal(  # on the CPU, where the fit's end left the module and θ
         recorder.end["net.2.weight"]["theta"][never_in_b], recorder.start["net.2.weight"]["theta"].cpu()[never_in_b]
     )
-    _assert_invariants(recorder.end, engine)
+    assert_alpha(engine, recorder.end)
 
 
 @pytest.mark.parametrize(("optimizer", "hinted"), [("adamw", True), ("adamw-fused", False), ("sgd", False)])
 def test_unfused_adamw_on_cpu_gets_a_hint_at_fit_start(tmp_path: Path, optimizer: str, hinted: bool) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit(tmp_path, MLP(optimizer=optimizer), TopKASTCallback(verbose=False))
+        _fit_recorded(tmp_path, MLP(optimizer=optimizer), TopKASTCallback(verbose=False))
     hints = [str(w.message) for w in caught if "fused=True" in str(w.message)]
     expected = "AdamW updates masked CPU tensors without fused=True: its step is several times slower"
     assert [h.startswith(expected) for h in hints] == ([True] if hinted else [])
@@ -329,7 +312,7 @@ class LateEdit(Spy):
         self.topkast, self.edit = topkast, edit
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        t = _engine(self.topkast).tensors["net.2.weight"]
+        t = engine_of(self.topkast).tensors["net.2.weight"]
         assert t.param.grad is not None
         if self.edit == "inf":
             t.param.grad[~t.backward_set] = float("inf")
@@ -343,8 +326,8 @@ def test_gradient_edited_after_the_callback_cannot_leak_outside_backward_set(tmp
     θ keeps its values there, and a weight entering B at a refresh starts with fresh (zero) optimizer state."""
     callback = TopKASTCallback(update_interval=3, early_refresh=None, verbose=False)
     model = LateEdit(callback, edit)
-    recorder, _ = _fit(tmp_path, model, callback, max_steps=6)
-    engine = _engine(callback)
+    recorder, _ = _fit_recorded(tmp_path, model, callback, max_steps=6)
+    engine = engine_of(callback)
 
     entered_total = 0
     for step, (before, clipping, after, state) in enumerate(
@@ -357,7 +340,7 @@ def test_gradient_edited_after_the_callback_cannot_leak_outside_backward_set(tmp
         entered = new_B & ~B
         entered_total += int(entered.sum())
         assert not state["net.2.weight"]["momentum_buffer"][entered].any(), step
-        _assert_invariants(after, engine)
+        assert_alpha(engine, after)
     assert entered_total > 0  # refreshes did bring new weights into B
 
 
@@ -368,8 +351,8 @@ def test_exploration_set_gets_straight_through_gradients_and_grows_into_forward_
     lr = 0.5
     callback = TopKASTCallback(update_interval=2, early_refresh=None, exploration_penalty=0.0, verbose=False)
     model = Spy(optimizer="plain", lr=lr)
-    recorder, _ = _fit(tmp_path, model, callback)
-    engine = _engine(callback)
+    recorder, _ = _fit_recorded(tmp_path, model, callback)
+    engine = engine_of(callback)
 
     grown = 0
     for step, (raw, before, after) in enumerate(
@@ -400,7 +383,7 @@ def test_exploration_set_gets_straight_through_gradients_and_grows_into_forward_
         for s in recorder.after:
             seen |= s[name]["A"]
         assert torch.equal(t.ever_active, seen), name
-        assert int(t.ever_active.sum()) > count(t.forward_density, t.numel), name
+        assert int(t.ever_active.sum()) > half_up(t.forward_density, t.numel), name
 
 
 @pytest.mark.parametrize(
@@ -425,7 +408,7 @@ def test_exploration_penalty_step_is_exact(tmp_path: Path, decoupled: bool, prec
         "bf16-mixed": {"precision": "bf16-mixed"},
         "16-mixed-scaler": {"plugins": [MixedPrecision("16-mixed", device, scaler=torch.amp.GradScaler(device))]},
     }[precision]
-    recorder, _ = _fit(tmp_path, model, callback, max_steps=1, accelerator=accelerator, **amp)
+    recorder, _ = _fit_recorded(tmp_path, model, callback, max_steps=1, accelerator=accelerator, **amp)
 
     assert recorder.steps == [[1]]
     for name in MASKED:
@@ -456,8 +439,8 @@ def test_default_penalty_follows_the_optimizer(tmp_path: Path, optimizer: str, e
     real fit: the gradient clipping sees is the masked data gradient alone under AdamW, plus λ·c·θ under SGD."""
     callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
     model = Spy(optimizer=optimizer)
-    recorder, _ = _fit(tmp_path, model, callback)
-    engine = _engine(callback)
+    recorder, _ = _fit_recorded(tmp_path, model, callback)
+    engine = engine_of(callback)
     assert (engine.penalty, engine.decoupled_penalty) == expected
     assert (callback.exploration_penalty, callback.decoupled_penalty) == (None, None)  # the arguments as given
     hparams = callback.hyperparameters()
@@ -473,7 +456,7 @@ def test_default_penalty_follows_the_optimizer(tmp_path: Path, optimizer: str, e
                 assert torch.equal(clipping[name], masked), (step, name)
             else:
                 torch.testing.assert_close(clipping[name], masked + expected[0] * c * theta, rtol=1e-6, atol=1e-9)
-        _assert_invariants(recorder.after[step - 1], engine)
+        assert_alpha(engine, recorder.after[step - 1])
         for name in MASKED:  # nothing outside B moved, the decoupled shrink included
             B = before[name]["B"]
             assert torch.equal(recorder.after[step - 1][name]["theta"][~B], before[name]["theta"][~B]), (step, name)
@@ -484,15 +467,15 @@ def test_default_penalty_follows_the_optimizer(tmp_path: Path, optimizer: str, e
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
     callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
-    recorder, trainer = _fit(tmp_path, MLP(), callback, accumulate_grad_batches=2)
-    engine = _engine(callback)
+    recorder, trainer = _fit_recorded(tmp_path, MLP(), callback, accumulate_grad_batches=2)
+    engine = engine_of(callback)
 
     assert trainer.global_step == engine.steps[0] == BATCHES // 2 == len(recorder.before)
     assert recorder.steps == [[0], [1], [1], [2], [2], [3], [3], [4]]
     assert recorder.refreshes[-1] == 2
     assert [steps for _, steps in recorder.refresh_log] == [[2], [4]]
     for snapshot in recorder.after:
-        _assert_invariants(snapshot, engine)
+        assert_alpha(engine, snapshot)
     for before in recorder.before:
         for name in MASKED:
             assert not before[name]["grad"][~before[name]["B"]].any()
@@ -502,8 +485,8 @@ def test_gradient_clipping_sees_and_clips_masked_gradients(tmp_path: Path) -> No
     lr, clip = 0.1, 0.5
     callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
     model = Spy(optimizer="plain", lr=lr, loss_scale=10.0)
-    recorder, _ = _fit(tmp_path, model, callback, gradient_clip_val=clip, max_steps=4)
-    engine = _engine(callback)
+    recorder, _ = _fit_recorded(tmp_path, model, callback, gradient_clip_val=clip, max_steps=4)
+    engine = engine_of(callback)
 
     assert len(model.at_clipping) == len(model.after_clipping) == 4
     for at, clipped, before, after in zip(
@@ -520,21 +503,21 @@ def test_gradient_clipping_sees_and_clips_masked_gradients(tmp_path: Path) -> No
             torch.testing.assert_close(
                 after[name]["theta"], torch.where(B, before[name]["theta"] - lr * clipped[name], before[name]["theta"])
             )
-        _assert_invariants(after, engine)
+        assert_alpha(engine, after)
 
 
 def test_bf16_mixed_precision(tmp_path: Path) -> None:
     callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
     model = Spy()
-    recorder, trainer = _fit(tmp_path, model, callback, precision="bf16-mixed", max_steps=4)
-    engine = _engine(callback)
+    recorder, trainer = _fit_recorded(tmp_path, model, callback, precision="bf16-mixed", max_steps=4)
+    engine = engine_of(callback)
 
     assert trainer.precision == "bf16-mixed"
     assert engine.steps == [4]
     assert recorder.refreshes[-1] == 2
     assert all(torch.isfinite(torch.tensor(model.losses)))
     for snapshot in [*recorder.after, recorder.end]:
-        _assert_invariants(snapshot, engine)
+        assert_alpha(engine, snapshot)
         assert all(s["theta"].dtype == torch.float32 for s in snapshot.values())
     for before in recorder.before:
         for name in MASKED:
@@ -549,8 +532,8 @@ def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
         optimizers=lambda g, d: [torch.optim.Adam(g, lr=1e-2), torch.optim.SGD(d, lr=0.1, momentum=0.9)],
         generator_every=2,
     )
-    recorder, trainer = _fit(tmp_path, gan, callback, loader=loader)
-    engine = _engine(callback)
+    recorder, trainer = _fit_recorded(tmp_path, gan, callback, loader=loader)
+    engine = engine_of(callback)
 
     G, D = ["generator.0.weight", "generator.2.weight"], ["discriminator.0.weight", "discriminator.2.weight"]
     assert sorted(engine.tensors) == D + G
@@ -561,7 +544,7 @@ def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
     assert engine.skipped_steps == 0
     assert len(recorder.before) == 12
     for snapshot in [*recorder.after, recorder.end]:
-        _assert_invariants(snapshot, engine)
+        assert_alpha(engine, snapshot)
     for batch, after in enumerate(recorder.after):
         previous = recorder.after[batch - 1] if batch else recorder.start
         for name in G:  # the generator's θ moves only on batches where its optimizer stepped
@@ -579,8 +562,8 @@ def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
 def test_two_fits_in_a_row_continue_masks_and_counters(tmp_path: Path, accelerator: str) -> None:
     callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
     model = MLP()
-    first, _ = _fit(tmp_path, model, callback, max_steps=3, accelerator=accelerator)
-    engine = _engine(callback)
+    first, _ = _fit_recorded(tmp_path, model, callback, max_steps=3, accelerator=accelerator)
+    engine = engine_of(callback)
     assert engine.steps == [3]
 
     recorder = Recorder(callback)
@@ -603,18 +586,18 @@ def test_two_fits_in_a_row_continue_masks_and_counters(tmp_path: Path, accelerat
         assert start["theta"][~start["A"]].count_nonzero() > 0
         assert not start["param"][~start["A"]].any()
     for snapshot in recorder.after:
-        _assert_invariants(snapshot, engine)
+        assert_alpha(engine, snapshot)
 
 
 def test_same_callback_on_a_new_model_starts_afresh(tmp_path: Path) -> None:
     """Reused on another model, the callback builds new masks for it, and its FLOPs metrics describe the new model."""
     callback = TopKASTCallback(update_interval=2, early_refresh=None, verbose=False)
-    _fit(tmp_path, MLP(), callback, max_steps=2)
-    first_engine, first_metrics = _engine(callback), callback.metrics()
+    _fit_recorded(tmp_path, MLP(), callback, max_steps=2)
+    first_engine, first_metrics = engine_of(callback), callback.metrics()
 
     model = MLP()
-    _fit(tmp_path / "second", model, callback, max_steps=2)
-    engine = _engine(callback)
+    _fit_recorded(tmp_path / "second", model, callback, max_steps=2)
+    engine = engine_of(callback)
     params = dict(model.named_parameters())
     assert engine is not first_engine
     assert engine.steps == [2]
@@ -686,8 +669,8 @@ def test_grad_scaler_skipped_step_restores_forward_weights(tmp_path: Path, accel
     callback = TopKASTCallback(update_interval=1, verbose=False)
     model = InfAt(batch=skipped)
     plugins = [MixedPrecision("16-mixed", device, scaler=scaler)]
-    recorder, trainer = _fit(tmp_path, model, callback, plugins=plugins, accelerator=accelerator)
-    engine = _engine(callback)
+    recorder, trainer = _fit_recorded(tmp_path, model, callback, plugins=plugins, accelerator=accelerator)
+    engine = engine_of(callback)
 
     assert scaler.get_scale() == 512.0  # the scaler skipped exactly one step
     assert engine.skipped_steps == 1
@@ -704,7 +687,7 @@ def test_grad_scaler_skipped_step_restores_forward_weights(tmp_path: Path, accel
     assert torch.isinf(prepared["grad"]).sum() == 1
     _assert_skipped_batch_left_no_trace(recorder, skipped)
     for snapshot in [*recorder.after, recorder.end]:
-        _assert_invariants(snapshot, engine)
+        assert_alpha(engine, snapshot)
         assert all(torch.isfinite(s["theta"]).all() for s in snapshot.values())
     assert recorder.after[-1]["net.2.weight"]["theta"].ne(recorder.after[skipped]["net.2.weight"]["theta"]).any()
 
@@ -713,8 +696,8 @@ def test_step_skipped_by_the_module(tmp_path: Path) -> None:
     skipped = 3
     callback = TopKASTCallback(update_interval=1, verbose=False)
     model = SkipAt(batch=skipped)
-    recorder, trainer = _fit(tmp_path, model, callback)
-    engine = _engine(callback)
+    recorder, trainer = _fit_recorded(tmp_path, model, callback)
+    engine = engine_of(callback)
 
     assert trainer.global_step == BATCHES  # Lightning counts the batch's step slot ...
     assert engine.steps == [BATCHES - 1]  # ... Top-KAST counts the updates that ran
@@ -724,7 +707,7 @@ def test_step_skipped_by_the_module(tmp_path: Path) -> None:
     assert recorder.refreshes[-1] == BATCHES - 1
     _assert_skipped_batch_left_no_trace(recorder, skipped)
     for snapshot in [*recorder.after, recorder.end]:
-        _assert_invariants(snapshot, engine)
+        assert_alpha(engine, snapshot)
 
 
 def test_bf16_true_keeps_theta_and_sets_in_the_parameters_dtype(tmp_path: Path) -> None:
@@ -738,5 +721,5 @@ def test_bf16_true_keeps_theta_and_sets_in_the_parameters_dtype(tmp_path: Path) 
     for tensor in callback.engine.tensors.values():
         assert tensor.param.dtype == tensor.theta.dtype == torch.bfloat16
         assert isinstance(tensor.kernels, kernels.TorchKernels)
-        assert int(tensor.forward_set.sum()) == count(tensor.forward_density, tensor.numel)
+        assert int(tensor.forward_set.sum()) == half_up(tensor.forward_density, tensor.numel)
         assert torch.equal(tensor.param, torch.where(tensor.forward_set, tensor.theta, 0))
