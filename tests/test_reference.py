@@ -6,7 +6,8 @@ order of the method (docs: METHOD.md, "The three rules" and "Optimizer state"):
 
 1. the forward pass sees α = θ on A, 0 elsewhere; the gradient ∂L/∂α comes from autograd;
 2. on B, the gradient plus the penalty's λ·c·θ (c = 1 on A, 1/D on B \ A) goes through the optimizer's equations,
-   weight decay included; outside B nothing moves and the optimizer state is 0;
+   weight decay included (or, decoupled, the update is followed by θ −= lr·λ·c·θ, the callback's default under
+   AdamW); outside B nothing moves and the optimizer state is 0;
 3. at a refresh A and B are re-selected from |θ| of all entries, and optimizer state survives only where an entry
    was in B before and after: a weight that enters B starts with fresh state. Adam's step count is the tensor's,
    not the weight's (the library, like every implementation METHOD.md names, does not restart bias correction).
@@ -86,6 +87,8 @@ class Reference:
     module: torch.nn.Module
     optim: Optim
     interval: int = 1
+    penalty: float = PENALTY
+    decoupled: bool = False  # the penalty applied to θ after the update (× lr, outside the optimizer), not in ∂L
     theta: dict[str, Tensor] = field(init=False)
     forward_set: dict[str, Tensor] = field(init=False)
     backward_set: dict[str, Tensor] = field(init=False)
@@ -122,13 +125,17 @@ class Reference:
         for name, theta in self.theta.items():
             if name in MASKED:
                 in_a, in_b = self.forward_set[name], self.backward_set[name]
-                c = torch.where(in_a, PENALTY, torch.where(in_b, PENALTY / FORWARD, 0.0)).to(theta.dtype)
-                grad = torch.where(in_b, grads[name] + c * theta, 0)  # ∂L/∂α and the penalty, on B only
+                scale = -self.optim.lr * self.penalty if self.decoupled else self.penalty
+                c = torch.where(in_a, scale, torch.where(in_b, scale / FORWARD, 0.0)).to(theta.dtype)
+                grad = grads[name] if self.decoupled else grads[name] + c * theta  # ∂L/∂α and the penalty
+                grad = torch.where(in_b, grad, 0)  # on B only
                 p = torch.where(in_b, theta, 0)
             else:
                 in_b, grad, p = None, grads[name], theta.clone()
             state = self.state[name]
             self._update(p, grad, state)
+            if in_b is not None and self.decoupled:  # θ shrinks by lr·λ·c after the update, outside the optimizer
+                p = p + c * p
             if in_b is not None:  # outside B nothing moves and the state stays 0
                 p = torch.where(in_b, p, theta)
                 for key in state:
@@ -271,13 +278,17 @@ TRAINER_OPTIMIZERS = {  # the optimizers conftest.MLP configures (SGD: momentum 
     "adamw": Optim("adamw", lr=1e-2, weight_decay=0.1),
     "adamw-fused": Optim("adamw", lr=1e-2, weight_decay=0.1, fused=True),
 }
+# the callback's default penalty, as README's arguments table states it: through the gradient at 1e-4 under SGD,
+# decoupled at 3e-2 under Adam and AdamW
+DEFAULT_PENALTY = {"sgd": (1e-4, False), "adamw": (3e-2, True)}
 
 
 @pytest.mark.parametrize("optimizer", list(TRAINER_OPTIMIZERS))
 def test_trainer_fit_equals_the_reference_at_every_step(tmp_path: Any, optimizer: str) -> None:
     optim = TRAINER_OPTIMIZERS[optimizer]
     model = MLP(optimizer=optimizer, lr=optim.lr)
-    ref = Reference(model, optim)
+    penalty, decoupled = DEFAULT_PENALTY[optim.kind]
+    ref = Reference(model, optim, penalty=penalty, decoupled=decoupled)
     topkast = TopKASTCallback(verbose=False)
     snapshots = Snapshots(topkast, optim.state_names())
     loader = make_loader(n=STEPS * 8, batch_size=8)
@@ -287,6 +298,7 @@ def test_trainer_fit_equals_the_reference_at_every_step(tmp_path: Any, optimizer
     assert [(t.forward_density, t.backward_density) for t in topkast.engine.tensors.values()] == [
         (pytest.approx(FORWARD, abs=1e-12), pytest.approx(BACKWARD, abs=1e-12))
     ] * 2
+    assert (topkast.engine.penalty, topkast.engine.decoupled_penalty) == (penalty, decoupled)
     assert len(snapshots.taken) == STEPS
     for step, ((x, y), got) in enumerate(zip(loader, snapshots.taken, strict=True), 1):
         ref.step(x, y)
