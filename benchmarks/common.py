@@ -295,11 +295,14 @@ class StaticSparsity(Callback):
         self.masks: dict[str, Tensor] = {}
         self.params: dict[str, nn.Parameter] = {}
 
+    def targets(self, pl_module: L.LightningModule) -> list[str]:
+        """The tensors masked: those every benchmark method masks."""
+        return masked_weights(pl_module)[1]
+
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _, names = masked_weights(pl_module)
         params = dict(pl_module.named_parameters())
-        for name in names:
+        for name in self.targets(pl_module):
             param = params[name]
             keep = round((1 - self.sparsity) * param.numel())
             flat = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)

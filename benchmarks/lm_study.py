@@ -158,16 +158,8 @@ class StudyStatic(common.StaticSparsity):
         self.layers = layers
 
     @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        names, _ = study_targets(pl_module, self.layers)
-        params = dict(pl_module.named_parameters())
-        for name in names:
-            param = params[name]
-            keep = round((1 - self.sparsity) * param.numel())
-            flat = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
-            flat[torch.randperm(param.numel(), device=param.device)[:keep]] = 1
-            self.masks[name], self.params[name] = flat.view_as(param), param
-        self._apply()
+    def targets(self, pl_module: L.LightningModule) -> list[str]:
+        return study_targets(pl_module, self.layers)[0]
 
 
 def callbacks_for(config: Config) -> list[L.Callback]:
