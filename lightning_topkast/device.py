@@ -199,8 +199,8 @@ class FlatGroup:
             for j in range(rows.shape[1])
         ]
 
-    def _per_set(self, coefficients: Coefficients) -> Tensor:
-        r"""Per entry, its tensor's coefficient on A or on B \ A (outside B it multiplies 0: any will do)."""
+    def coefficient_table(self, coefficients: Coefficients) -> Tensor:
+        r"""``[tensors, 2]`` (on A, on B \ A) in θ's dtype on the device; ``[1, 2]`` when every tensor shares them."""
         on_a, on_exploring = (tuple(c) for c in coefficients)
         table = self._tables.get((on_a, on_exploring))
         if table is None:  # a new learning rate: a small copy that does not wait, through pinned memory
@@ -208,6 +208,11 @@ class FlatGroup:
             rows = [(on_a[0], on_exploring[0])] if uniform else list(zip(on_a, on_exploring, strict=True))
             table = to_device(torch.tensor(rows, dtype=self.dtype), self.device)
             self._tables = {(on_a, on_exploring): table}  # the last one only: learning rates change
+        return table
+
+    def _per_set(self, coefficients: Coefficients) -> Tensor:
+        r"""Per entry, its tensor's coefficient on A or on B \ A (outside B it multiplies 0: any will do)."""
+        table = self.coefficient_table(coefficients)
         if table.shape[0] == 1:  # the same for every tensor: no per-entry copy
             return torch.where(_bit(self.code, A_BIT), table[0, 0], table[0, 1])
         per_entry = self.per_tensor.per_entry(table)

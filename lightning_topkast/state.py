@@ -201,6 +201,7 @@ class TopKAST:
         self._unchecked: set[int] = set()
         self._depth: list[int] = []  # step() calls in progress per optimizer: a subclass's step may call super's
         self._flat: dict[int, list[FlatGroup]] = {}  # per optimizer, without host syncs: its tensors' flat groups
+        self._in_flat: set[str] = set()  # the names of their tensors
         self.batched_passes = True  # without host syncs: a pass per flat group (False: per tensor, as the CPU path)
         with torch.no_grad():
             for unit in self.units:
@@ -224,11 +225,10 @@ class TopKAST:
             tensor.theta = torch.empty_like(tensor.theta, device=tensor.param.device)
             tensor.code = torch.empty_like(tensor.code, device=tensor.param.device)
             tensor.kernels = self._kernels_for(tensor.param)
-        if self._flat:
-            self._flat = {}  # rebuilt on the new device below, before the state is loaded into them
+        self._set_flat({})  # rebuilt on the new device below, after the state is loaded
         self.load_state_dict(state)  # copies across devices, thresholds as the new path holds them
         if self.attached and self.sync_free and self.batched_passes:
-            self._flat = self._flat_groups()
+            self._set_flat(self._flat_groups())
         return True
 
     # --- optimizer wiring -------------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ class TopKAST:
                 self._groups[owner[id(tensor.param)]].append(tensor)
                 self._owner[tensor.name] = optimizers[owner[id(tensor.param)]]
         self.steps += [0] * (len(optimizers) - len(self.steps))
-        self._flat = self._flat_groups() if self.sync_free and self.batched_passes else {}
+        self._set_flat(self._flat_groups() if self.sync_free and self.batched_passes else {})
         self._unchecked = set(range(len(optimizers)))
         self._depth = [0] * len(optimizers)
         for i, opt in enumerate(optimizers):
@@ -274,6 +274,10 @@ class TopKAST:
             groups.setdefault(index, []).append(triton_kernels.TritonGroup(units) if fused else FlatGroup(units))
         return groups
 
+    def _set_flat(self, groups: dict[int, list[FlatGroup]]) -> None:
+        self._flat = groups
+        self._in_flat = {t.name for batches in groups.values() for batch in batches for t in batch.tensors}
+
     @property
     def attached(self) -> bool:
         """Whether step post-hooks are registered on optimizers."""
@@ -284,7 +288,8 @@ class TopKAST:
         self.restore_forward_weights()
         for handle in self._handles:
             handle.remove()
-        self._handles, self._groups, self._optimizers, self._owner, self._flat = [], [], [], {}, {}
+        self._handles, self._groups, self._optimizers, self._owner = [], [], [], {}
+        self._set_flat({})
 
     def _adopt_thresholds(self) -> None:
         """Flat groups take their units' thresholds anew, after a per-unit selection or a load replaced them."""
@@ -313,16 +318,14 @@ class TopKAST:
                     f"{tensor.name} has a sparse gradient (nn.Embedding(sparse=True)); Top-KAST masks dense "
                     "gradients: build the embedding with sparse=False or exclude it"
                 )
-        flat = self._flat.get(index, [])
-        for batch in flat:
+        for batch in self._flat.get(index, []):
             grads = [t.param.grad for t in batch.tensors]
             if any(g is not None for g in grads):
                 batch.prepare(grads, self._coefficients(batch, [penalty] * len(grads)) if penalty else None)
                 self._pending.update(t.name for t in batch.tensors)
-        batched = {t.name for batch in flat for t in batch.tensors}
         for tensor in group:
             grad = tensor.param.grad
-            if grad is None or tensor.name in batched:
+            if grad is None or tensor.name in self._in_flat:
                 continue  # unused this step: the optimizer skips it too
             # θ on B goes into the parameter so the update applies to the true values of B \ A; zeros outside B
             # keep element-wise optimizers from creating state there. The penalty's gradient λ·c·θ is taken
@@ -352,11 +355,9 @@ class TopKAST:
         zero_state = index in self._unchecked or type(self._optimizers[index]) not in _STATE_STAYS_ZERO
         moved: dict[str, tuple[Any, Any]] = {}
         reasons: list[str] = []
-        flat = self._flat.get(index, [])
-        for batch in flat:
+        for batch in self._flat.get(index, []):
             reasons += self._after_step_flat(index, batch, moved, zero_state)
-        batched = {t.name for batch in flat for t in batch.tensors}
-        rest, rest_pending = ([t for t in tensors if t.name not in batched] for tensors in (group, pending))
+        rest, rest_pending = ([t for t in tensors if t.name not in self._in_flat] for tensors in (group, pending))
         reasons += self._after_step_per_tensor(index, rest, rest_pending, moved, zero_state)
         if reasons:
             self.refreshes += 1

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from lightning_topkast import kernels
 from lightning_topkast.batched import Queries
-from lightning_topkast.device import Coefficients, FlatGroup, to_device
+from lightning_topkast.device import Coefficients, FlatGroup
 
 try:  # Triton ships with torch's CUDA wheels; on a CPU-only machine it is optional
     import triton
@@ -255,15 +255,10 @@ class TritonGroup(FlatGroup):
         return counts[:, 0], counts[:, 1]
 
     def _table(self, coefficients: Coefficients | None) -> tuple[Tensor, int]:
+        """The coefficient table and the kernels' row stride into it (0: one row for every tensor)."""
         if coefficients is None:
             return self.theta, 0  # unread
-        on_a, on_exploring = (tuple(c) for c in coefficients)
-        table = self._tables.get((on_a, on_exploring))
-        if table is None:
-            uniform = len(set(on_a)) == 1 and len(set(on_exploring)) == 1
-            rows = [(on_a[0], on_exploring[0])] if uniform else list(zip(on_a, on_exploring, strict=True))
-            table = to_device(torch.tensor(rows, dtype=self.dtype), self.device)
-            self._tables = {(on_a, on_exploring): table}
+        table = self.coefficient_table(coefficients)
         return table, 0 if table.shape[0] == 1 else 2
 
 
