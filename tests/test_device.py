@@ -305,8 +305,9 @@ def test_a_flat_group_resumes_bit_exactly() -> None:
 
 # --- launches: the number of operations in a step does not grow with the number of tensors --------------------------
 
-# The target is 40. The torch passes miss it when they refresh: each set test is several elementwise operations.
-_MOST = {"triton": {1: 40, 100: 40}, "torch": {1: 67, 100: 40}}
+# The counts README.md, docs/refresh.md and docs/results.md state (benchmarks/launches.py prints them). The target
+# is 40: the torch passes miss it when they refresh, each set test being several elementwise operations.
+STATED = {"triton": {1: 25, 100: 12}, "torch": {1: 67, 100: 40}}
 
 
 @pytest.mark.parametrize("kind", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -317,7 +318,7 @@ def test_launches_per_step_do_not_grow_with_the_number_of_tensors(kind: str, upd
     many = launches.launches_per_step(82, update_interval, kind)
     assert few == many
     assert len(set(many)) == 1
-    assert max(many) <= _MOST[kind][update_interval], many
+    assert many == [STATED[kind][update_interval]] * len(many)
 
 
 def test_the_per_tensor_passes_launch_in_proportion_to_the_tensors() -> None:
