@@ -19,14 +19,15 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_topkast import distributions, figures, planning, regularizer, reporting, targets, validation
+from lightning_topkast import distributions, figures, planning, regularizer, reporting, sharded, targets, validation
 from lightning_topkast.planning import Plan
 from lightning_topkast.state import TopKAST
 
 Distribution = Literal["uniform", "erk", "global"]
 
-# strategies that shard parameters: a top-k per shard is another algorithm (isinstance, so subclasses count too)
-_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+# strategies that shard parameters in ways the whole tensor's top-k does not follow (isinstance: subclasses too);
+# ModelParallelStrategy with FSDP2's fully_shard is supported
+_REFUSED = (FSDPStrategy, DeepSpeedStrategy)
 _MEDIA_LOGGERS = (WandbLogger, TensorBoardLogger)
 
 
@@ -132,6 +133,7 @@ class TopKASTCallback(Callback):
         self._resuming = False
         self._other_keys: list[str] = []
         self._stepped = False
+        self._checkpoint_path: Any = None  # where a resumed checkpoint lies: a distributed one holds sharded θ
         self._prefix = reporting.PREFIX
         self._noted: set[str] = set()
 
@@ -153,13 +155,14 @@ class TopKASTCallback(Callback):
         # Lightning restores a checkpoint after setup: what validate/test/predict loaded before is not a fit to resume
         self._loaded_state, self._resuming, self._other_keys = None, False, []
         if stage == "fit":
-            validation.check_strategy(trainer.strategy, _SHARDED)
+            validation.check_strategy(trainer.strategy, _REFUSED, ModelParallelStrategy)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after the module's own setup/configure_model and the checkpoint's weights: plan on the model as it trains
         self._prefix = _prefix(trainer, self)
         plan = self.plan(pl_module)
+        validation.check_sharded_plan(plan.parameters, self.distribution)
         self._check_disjoint(trainer, plan)
         self._penalty = self._resolve_penalty(trainer.optimizers, plan)
         self._use(plan)
@@ -176,7 +179,8 @@ class TopKASTCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._stepped = False
-        self._require_flops().start()
+        if not self._require_engine().sharded:  # FSDP2 runs on unsharded copies: masked weights are not found
+            self._require_flops().start()
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
@@ -221,20 +225,24 @@ class TopKASTCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
         if self.engine is not None and self.engine.attached:
-            self._restore_loaded_state()  # strategies that restore after setup (none supported yet) land here
+            self._restore_loaded_state()  # strategies that restore after setup (ModelParallelStrategy) land here
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.engine is not None:
             checkpoint["state_dict"] = _with_forward_weights(checkpoint.get("state_dict", {}), self.engine)
+            if self.engine.sharded:
+                sharded.move_into_checkpoint(checkpoint, self.state_key)
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._resuming = True
+        self._resuming, self._checkpoint_path = True, trainer.ckpt_path
         name = type(self).__qualname__
         self._other_keys = [
             k for k in checkpoint.get("callbacks", {}) if str(k).startswith(name) and k != self.state_key
         ]
+        if self.engine is not None and self.engine.attached and self.state_key not in checkpoint.get("callbacks", {}):
+            self._restore_loaded_state()  # restored after setup, and no state to restore: say so now
 
     # --- public helpers -----------------------------------------------------------------------------------------
 
@@ -266,8 +274,13 @@ class TopKASTCallback(Callback):
         return dict(self._plan.selection.kept_dense) if self._plan is not None else {}
 
     def summary(self) -> list[dict[str, object]]:
-        """One row per candidate: name, shape, numel, whether masked, densities, |A|, |B| and why."""
-        return reporting.summary_rows(self._require_engine().tensors, self._require_plan())
+        """One row per candidate: name, shape, numel, whether masked, densities, |A|, |B| and why.
+
+        Under sharding a collective, as :meth:`metrics`: the sets' sizes are summed over the ranks.
+        """
+        engine = self._require_engine()
+        sizes = engine.summed_over_shards(reporting.set_sizes(engine.tensors, 0.0))
+        return reporting.summary_rows(engine.tensors, self._require_plan(), sizes)
 
     def summary_table(self) -> str:
         """The summary as the text table printed at fit start."""
@@ -277,10 +290,12 @@ class TopKASTCallback(Callback):
     def metrics(self) -> dict[str, float]:
         """The flat ``topkast/...`` metrics as they stand; turnover covers the refreshes since the last log.
 
-        A query: calling it changes nothing (the callback starts a new turnover window after each log).
+        A query: calling it changes nothing (the callback starts a new turnover window after each log). Under sharding
+        a collective: the counts are summed over the ranks, so every rank calls it (the callback does, when it logs).
         """
         engine, prefix = self._require_engine(), self._prefix
-        metrics = reporting.density_metrics(engine.tensors, engine.penalty, self.log_per_tensor, prefix)
+        sizes = engine.summed_over_shards(reporting.set_sizes(engine.tensors, engine.penalty))
+        metrics = reporting.density_metrics(engine.tensors, engine.penalty, self.log_per_tensor, prefix, sizes)
         # always logged: Lightning repeats a step metric's last value at later log steps, so an absent key would
         # show the previous refresh's turnover again; with no refresh since the last log, nothing moved.
         metrics[f"{prefix}/turnover"] = self._turnover.compute()
@@ -295,7 +310,7 @@ class TopKASTCallback(Callback):
     def hyperparameters(self) -> dict[str, Any]:
         """The resolved configuration that goes to every logger's hyperparameters (W&B's run config, hparams.yaml)."""
         engine = self._require_engine()
-        numel = sum(t.numel for t in engine.tensors.values())
+        numel = sum(t.total for t in engine.tensors.values())
         return {
             **self._arguments(),
             # as resolved for this fit's optimizers (None in the arguments: chosen from the optimizer)
@@ -304,8 +319,8 @@ class TopKASTCallback(Callback):
             "log_masks_every_n_steps": self.log_masks_every_n_steps,
             "masked_tensors": len(engine.tensors),
             "masked_weights": numel,
-            "forward_density": sum(t.forward_density * t.numel for t in engine.tensors.values()) / numel,
-            "backward_density": sum(t.backward_density * t.numel for t in engine.tensors.values()) / numel,
+            "forward_density": sum(t.forward_density * t.total for t in engine.tensors.values()) / numel,
+            "backward_density": sum(t.backward_density * t.total for t in engine.tensors.values()) / numel,
         }
 
     # --- internals ----------------------------------------------------------------------------------------------
@@ -376,7 +391,8 @@ class TopKASTCallback(Callback):
         if problems:
             self._resume_problem(problems)
             return
-        engine.load_state_dict(state)
+        path, self._checkpoint_path = self._checkpoint_path, None
+        engine.load_state_dict(sharded.load_saved_apart(state, engine.tensors, path, self.state_key))
 
     def _resume_problem(self, problems: list[str]) -> None:
         message = "cannot resume Top-KAST from this checkpoint: " + "; ".join(problems)
@@ -510,8 +526,8 @@ def _same_tensors(engine: TopKAST, plan: Plan) -> bool:
 def _holds_forward_weights(engine: TopKAST) -> bool:
     """Whether every masked parameter still holds the engine's α (nothing loaded into the model since)."""
     for t in engine.tensors.values():
-        alpha = torch.where(t.forward_set, t.theta, 0)
-        if not torch.equal(t.param, alpha) and not bool(((t.param == alpha) | (t.param.isnan() & alpha.isnan())).all()):
+        alpha, param = torch.where(t.forward_set, t.theta, 0), t.local_param
+        if not torch.equal(param, alpha) and not bool(((param == alpha) | (param.isnan() & alpha.isnan())).all()):
             return False
     return True
 
@@ -521,9 +537,14 @@ def _with_forward_weights(state_dict: dict[str, Any], engine: TopKAST) -> dict[s
     pending = engine.pending_forward_weights()
     if not pending:
         return state_dict
-    storage = {engine.tensors[name].param.data_ptr(): alpha for name, alpha in pending.items()}
+    storage = {engine.tensors[name].local_param.data_ptr(): name for name in pending}
+
+    def alpha_for(value: Tensor) -> Tensor:
+        name = storage.get(sharded.local(value).data_ptr())
+        if name is None:
+            return value
+        placement = engine.tensors[name].placement
+        return pending[name] if placement is None else placement.wrap(pending[name])
+
     # entries are views of the live parameters: replace them, never write into them
-    return {
-        key: storage.get(value.data_ptr(), value) if isinstance(value, Tensor) else value
-        for key, value in state_dict.items()
-    }
+    return {key: alpha_for(value) if isinstance(value, Tensor) else value for key, value in state_dict.items()}

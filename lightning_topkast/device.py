@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 from lightning_topkast import kernels
@@ -43,7 +43,7 @@ class FlatGroup:
     def __init__(self, units: Sequence[_Unit]) -> None:
         self.units = list(units)
         self.tensors: list[MaskedTensor] = [t for unit in self.units for t in unit.tensors]
-        self.params: list[nn.Parameter] = [t.param for t in self.tensors]
+        self.params: list[Tensor] = [t.local_param for t in self.tensors]  # a DTensor's local shard
         self.sizes = [t.numel for t in self.tensors]
         self.numel = sum(self.sizes)
         first = self.tensors[0].theta
@@ -61,8 +61,11 @@ class FlatGroup:
         self.per_tensor = Queries(tuple(self.sizes), (), (), self.device)  # repeats per-tensor values per entry
         self.thresholds = torch.zeros(2 * len(self.units), 2, dtype=torch.int64, device=self.device)
         self.adopt_thresholds()
+        # a split is an index in the whole unit; a unit's entries here start at its first tensor's offset in it
+        # (0, or where a shard begins in the whole tensor)
         starts = self.queries.tensors["segment_starts"]
-        self._split_offsets = torch.stack([torch.zeros_like(starts), starts], dim=1)[:, None, :]  # [units, 1, 2]
+        first = torch.tensor([unit.tensors[0].offset for unit in self.units], dtype=torch.int64, device=self.device)
+        self._split_offsets = torch.stack([torch.zeros_like(starts), starts - first], dim=1)[:, None, :]  # [units,1,2]
         self._in_a_code = torch.tensor(A_BIT | B_BIT | EVER_BIT, dtype=torch.uint8, device=self.device)
         self._needed: dict[float, Tensor] = {}
         self._tables: dict[tuple[tuple[float, ...], tuple[float, ...]], Tensor] = {}
@@ -176,7 +179,7 @@ class FlatGroup:
 
     def _pieces(self, flat: Tensor) -> list[Tensor]:
         """Per tensor, its range of a flat buffer, in the parameter's shape (views)."""
-        return [piece.view(t.param.shape) for piece, t in zip(flat.split(self.sizes), self.tensors, strict=True)]
+        return [piece.view(p.shape) for piece, p in zip(flat.split(self.sizes), self.params, strict=True)]
 
     def _gather(self, tensors: Sequence[Tensor | None], filler: Tensor) -> Tensor:
         """One flat tensor of per-tensor ``tensors``; a missing one's range comes from the flat ``filler``."""

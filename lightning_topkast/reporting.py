@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -250,29 +250,55 @@ class Turnover:
         self._size: Any = 0
 
 
+def set_sizes(tensors: Mapping[str, MaskedTensor], penalty_strength: float) -> dict[str, Tensor]:
+    """Per tensor, as held here (a shard's, under sharding): |A|, |B|, ever in A, non-zeros held, the penalty.
+
+    One float64 vector per tensor, on its device, not read back: sum them over shards before reading.
+    """
+    return {
+        name: torch.stack(
+            [
+                t.forward_set.sum().double(),
+                t.backward_set.sum().double(),
+                t.ever_active.sum().double(),
+                torch.count_nonzero(t.local_param).double(),
+                torch.as_tensor(_penalty(t, penalty_strength), dtype=torch.float64, device=t.theta.device),
+            ]
+        )
+        for name, t in tensors.items()
+    }
+
+
 def density_metrics(
-    tensors: Mapping[str, MaskedTensor], penalty_strength: float, per_tensor: bool = False, prefix: str = PREFIX
+    tensors: Mapping[str, MaskedTensor],
+    penalty_strength: float,
+    per_tensor: bool = False,
+    prefix: str = PREFIX,
+    sizes: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, float]:
     """Forward and backward density (target and actual), cumulative exploration and the penalty's value.
 
     "Actual" forward density counts the non-zeros the model really holds; "target" is the configured density.
-    Exploration is the fraction of weights that have ever been in a forward set.
+    Exploration is the fraction of weights that have ever been in a forward set. ``sizes``: :func:`set_sizes` of
+    the whole tensors (summed over shards); default: as held here.
     """
-    numel = sum(t.numel for t in tensors.values())
-    nonzero = {name: int(torch.count_nonzero(t.param)) for name, t in tensors.items()}
+    if sizes is None:
+        sizes = {name: v.tolist() for name, v in set_sizes(tensors, penalty_strength).items()}
+    numel = sum(t.total for t in tensors.values())
+    _, backward, ever, nonzero, penalty_value = (sum(v[i] for v in sizes.values()) for i in range(5))
     metrics = {
-        f"{prefix}/forward_density": sum(nonzero.values()) / numel,
-        f"{prefix}/forward_density_target": sum(t.forward_density * t.numel for t in tensors.values()) / numel,
-        f"{prefix}/backward_density": sum(int(t.backward_set.sum()) for t in tensors.values()) / numel,
-        f"{prefix}/backward_density_target": sum(t.backward_density * t.numel for t in tensors.values()) / numel,
-        f"{prefix}/exploration": sum(int(t.ever_active.sum()) for t in tensors.values()) / numel,
-        f"{prefix}/penalty": float(sum(_penalty(t, penalty_strength) for t in tensors.values())),
+        f"{prefix}/forward_density": nonzero / numel,
+        f"{prefix}/forward_density_target": sum(t.forward_density * t.total for t in tensors.values()) / numel,
+        f"{prefix}/backward_density": backward / numel,
+        f"{prefix}/backward_density_target": sum(t.backward_density * t.total for t in tensors.values()) / numel,
+        f"{prefix}/exploration": ever / numel,
+        f"{prefix}/penalty": float(penalty_value),
     }
     if per_tensor:
         for name, t in tensors.items():
-            metrics[f"{prefix}/forward_density/{name}"] = nonzero[name] / t.numel
+            metrics[f"{prefix}/forward_density/{name}"] = sizes[name][3] / t.total
             metrics[f"{prefix}/forward_density_target/{name}"] = t.forward_density
-            metrics[f"{prefix}/backward_density/{name}"] = int(t.backward_set.sum()) / t.numel
+            metrics[f"{prefix}/backward_density/{name}"] = sizes[name][1] / t.total
             metrics[f"{prefix}/backward_density_target/{name}"] = t.backward_density
     return metrics
 
@@ -304,8 +330,13 @@ def thresholds(theta: Tensor, forward_set: Tensor, backward_set: Tensor) -> tupl
     return float(smallest[0]), float(smallest[1])
 
 
-def summary_rows(tensors: Mapping[str, MaskedTensor], plan: Plan) -> list[dict[str, object]]:
-    """One row per candidate in registration order: masked tensors with their sets, kept-dense ones with why."""
+def summary_rows(
+    tensors: Mapping[str, MaskedTensor], plan: Plan, sizes: Mapping[str, Sequence[float]] | None = None
+) -> list[dict[str, object]]:
+    """One row per candidate in registration order: masked tensors with their sets, kept-dense ones with why.
+
+    ``sizes``: :func:`set_sizes` of the whole tensors (summed over shards); default: the sets as held here.
+    """
     rows: list[dict[str, object]] = []
     for name, shape in plan.shapes.items():
         t = tensors.get(name)
@@ -321,12 +352,18 @@ def summary_rows(tensors: Mapping[str, MaskedTensor], plan: Plan) -> list[dict[s
                 "masked": masked,
                 "forward_density": t.forward_density if t is not None else 1.0,
                 "backward_density": t.backward_density if t is not None else 1.0,
-                "forward_set": int(t.forward_set.sum()) if t is not None else numel,
-                "backward_set": int(t.backward_set.sum()) if t is not None else numel,
+                "forward_set": _set_size(t, sizes, 0) if t is not None else numel,
+                "backward_set": _set_size(t, sizes, 1) if t is not None else numel,
                 "why": _why(name, plan) if masked else plan.selection.kept_dense[name],
             }
         )
     return rows
+
+
+def _set_size(t: MaskedTensor, sizes: Mapping[str, Sequence[float]] | None, column: int) -> int:
+    if sizes is not None:
+        return int(sizes[t.name][column])
+    return int((t.forward_set if column == 0 else t.backward_set).sum())
 
 
 def _why(name: str, plan: Plan) -> str:

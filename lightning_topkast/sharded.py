@@ -18,17 +18,29 @@ process to see another's entries, only sums:
 so the same code runs under ``torch.distributed`` (:func:`select_distributed`) and against simulated shards in one
 process (the tests). Nothing is read back to the host, and the number of all-reduces does not depend on the number
 of tensors: 3 rounds and 2 more for fp32.
+
+The rest wires it into the engine. :func:`placement_of` reads where a ``DTensor`` parameter's shard lies in the whole
+tensor (FSDP2's ``fully_shard``: rows on one mesh dimension, replicated on the others, as in HSDP); the engine keeps θ
+and the set bytes of the local shard only, and a unit's ``offset`` is the whole tensor's index of the shard's first
+entry, so every per-entry pass compares against the whole unit's thresholds unchanged. :class:`ShardedGroup` is
+the device path's :class:`~lightning_topkast.device.FlatGroup` whose selection and counts are summed over the ranks
+that share the shards.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from lightning_topkast.batched import Queries
+from lightning_topkast.device import FlatGroup
+
+if TYPE_CHECKING:
+    from lightning_topkast.state import _Unit
 
 DIGIT_BITS = 11
 BINS = 1 << DIGIT_BITS
@@ -164,3 +176,208 @@ def select_simulated(parts: Sequence[tuple[Tensor, Shard]]) -> list[Tensor]:
                 results.append(done.value)
         if results:
             return results
+
+
+# --- sharded parameters -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this rank's shard of a ``DTensor`` parameter lies in the whole tensor.
+
+    Args:
+        shape: the whole tensor's shape.
+        offset: the whole tensor's flat index of the shard's first entry (its rows are contiguous in it).
+        group: the process group of the mesh dimension that shards the rows; the other dimensions replicate.
+        mesh: the parameter's device mesh, and ``placements`` on it: to wrap θ and the sets for checkpoints.
+    """
+
+    shape: torch.Size
+    offset: int
+    group: Any
+    mesh: Any
+    placements: tuple[Any, ...]
+
+    @property
+    def numel(self) -> int:
+        """Entries of the whole tensor."""
+        return self.shape.numel()
+
+    def wrap(self, local_tensor: Tensor) -> Tensor:
+        """``local_tensor`` (the shard's θ or set bytes) as a ``DTensor`` laid out as the parameter: no copy."""
+        from torch.distributed.tensor import DTensor
+
+        stride = _stride(self.shape)
+        return DTensor.from_local(local_tensor, self.mesh, self.placements, shape=self.shape, stride=stride)
+
+    def shard_of(self, whole: Tensor) -> Tensor:
+        """This rank's entries of ``whole``, a tensor of the whole shape (a consolidated checkpoint's)."""
+        local_rows = _local_shape(self)[0] if self.shape else 1
+        rows = self.offset // max(_stride(self.shape)[0], 1) if self.shape else 0
+        return whole.reshape(self.shape)[rows : rows + local_rows] if self.shape else whole
+
+
+def placement_of(name: str, param: Tensor) -> Placement | None:
+    """The shard of ``param`` this rank holds, or None for a plain tensor; raises on shards the top-k cannot follow.
+
+    Supported: rows sharded on one mesh dimension (FSDP2's ``Shard(0)``), ``Replicate`` on the others (HSDP).
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(param, DTensor):
+        return None
+    placements = tuple(param.placements)
+    sharded = [d for d, p in enumerate(placements) if not isinstance(p, Replicate)]
+    if len(sharded) > 1 or any(type(placements[d]) is not Shard or placements[d].dim != 0 for d in sharded):
+        raise ValueError(
+            f"{name} is a DTensor placed as {placements}: Top-KAST follows shards of rows on one mesh dimension "
+            "(FSDP2's fully_shard, Shard(0), with Replicate elsewhere as in HSDP). Tensor-parallel shards are not "
+            "supported: exclude the parameter (exclude=[...]) or train it with data parallelism only."
+        )
+    mesh = param.device_mesh
+    if not sharded:  # replicated everywhere: every rank holds the whole tensor, as under DDP
+        return None
+    _, offset = _local_shape_and_offset(param.shape, mesh, placements)
+    flat = sum(o * s for o, s in zip(offset, _stride(param.shape), strict=True))
+    return Placement(param.shape, flat, mesh.get_group(sharded[0]), mesh, placements)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The local shard of a ``DTensor`` (sharing its storage), or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
+def all_reduce(values: Tensor, group: Any) -> Tensor:
+    """Sum ``values`` over ``group`` in place; returns them."""
+    torch.distributed.all_reduce(values, group=group)
+    return values
+
+
+def unit_thresholds(scores: Tensor, k: Sequence[int], placement: Placement) -> list[tuple[Tensor, Tensor]]:
+    """The thresholds selecting the top ``k`` of one sharded tensor from this rank's ``scores``: 0-dim tensors."""
+    queries = Queries((scores.numel(),), (0,) * len(k), tuple(k), scores.device)
+    shard = Shard(queries, (placement.offset,), (placement.numel,), *_rank(placement.group))
+    found = select_distributed(scores, shard, lambda t: all_reduce(t, placement.group))
+    return [(row[0], row[1]) for row in found]
+
+
+class ShardedGroup(FlatGroup):
+    """A flat group of sharded units (one tensor each) that share one process group.
+
+    Every pass is the flat group's over the local shards; what needs the whole tensors is summed over the group:
+    the selection's histograms (:func:`select_shards`), the early refresh's counts (so every rank refreshes at the
+    same step) and the turnover.
+    """
+
+    def __init__(self, units: Sequence[_Unit]) -> None:
+        super().__init__(units)
+        placements = [unit.tensors[0].placement for unit in self.units]
+        self.group = placements[0].group
+        self.shard = Shard(
+            self.queries,
+            tuple(p.offset for p in placements),
+            tuple(p.numel for p in placements),
+            *_rank(self.group),
+        )
+
+    def select(self, scores: Tensor) -> Tensor:
+        """The whole units' thresholds, from every rank's histograms."""
+        return select_distributed(scores, self.shard, lambda t: all_reduce(t, self.group))
+
+    def explorers(self) -> Tensor:
+        """Summed over the ranks: every rank decides the early refresh on the same counts."""
+        return all_reduce(super().explorers(), self.group)
+
+    def refresh(self, due: Tensor | None, states: Sequence[Sequence[Tensor | None]]) -> tuple[Tensor, Tensor]:
+        """The flat group's refresh; the turnover summed over the ranks."""
+        left, size = super().refresh(due, states)
+        return all_reduce(torch.stack([left, size]), self.group).unbind(0)
+
+
+def _rank(group: Any) -> tuple[int, int]:
+    return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+
+
+def _stride(shape: torch.Size) -> tuple[int, ...]:
+    return torch.empty(0).new_empty(shape, device="meta").stride() if shape else ()
+
+
+def _local_shape_and_offset(shape: torch.Size, mesh: Any, placements: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return compute_local_shape_and_global_offset(shape, mesh, placements)
+
+
+def _local_shape(placement: Placement) -> tuple[int, ...]:
+    return _local_shape_and_offset(placement.shape, placement.mesh, placement.placements)[0]
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+SAVED_APART = "saved with the model's sharded state"  # in the callback state, where θ or the set bytes would be
+_KEY = "_topkast"  # the prefix of their entries in the model's state
+
+
+def move_into_checkpoint(checkpoint: dict[str, Any], state_key: str) -> None:
+    """Put the callback state's sharded θ and set bytes where the strategy saves sharded state.
+
+    Lightning writes the callback states of rank 0 alone, so a ``DTensor`` there would keep one shard. In a
+    distributed checkpoint (the model's state holds ``DTensor``s) they join the model's state, which torch's
+    distributed checkpoint writes from every rank, and the callback state says where they went; in a consolidated
+    one (whole tensors) they are gathered whole. A collective: every rank saves.
+    """
+    from torch.distributed.tensor import DTensor
+
+    state, model = checkpoint.get("callbacks", {}).get(state_key), checkpoint.get("state_dict", {})
+    if not state or "tensors" not in state:
+        return
+    distributed = any(isinstance(value, DTensor) for value in model.values())
+    for name, saved in state["tensors"].items():
+        for key in ("theta", "code"):
+            value = saved[key]
+            if not isinstance(value, DTensor):
+                continue
+            if distributed:
+                model[_entry(state_key, name, key)] = value
+                saved[key] = SAVED_APART
+            else:
+                saved[key] = value.full_tensor().cpu()
+
+
+def load_saved_apart(state: dict[str, Any], tensors: dict[str, Any], path: Any, state_key: str) -> dict[str, Any]:
+    """``state`` with the θ and set bytes that :func:`move_into_checkpoint` saved apart, read from ``path``.
+
+    ``tensors``: the engine's, which say each entry's shape and shard. A collective: every rank loads.
+    """
+    wanted: dict[str, Tensor] = {}
+    for name, saved in state.get("tensors", {}).items():
+        tensor = tensors.get(name)
+        for key in ("theta", "code"):
+            if saved.get(key) != SAVED_APART or tensor is None:
+                continue  # a tensor not masked now: the engine reports the difference
+            held = getattr(tensor, key)
+            if tensor.placement is not None:
+                wanted[_entry(state_key, name, key)] = tensor.placement.wrap(torch.empty_like(held))
+            else:
+                wanted[_entry(state_key, name, key)] = held.new_empty(tensor.shape)
+    if not wanted:
+        return state
+    if path is None:
+        raise ValueError(
+            "this Top-KAST state keeps the sharded θ and sets in a distributed checkpoint's model state: restore it "
+            "with Trainer.fit(ckpt_path=...), which says where to read them"
+        )
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load({"state_dict": wanted}, checkpoint_id=path)
+    loaded = {**state, "tensors": {name: dict(saved) for name, saved in state["tensors"].items()}}
+    for name, saved in loaded["tensors"].items():
+        for key in ("theta", "code"):
+            if _entry(state_key, name, key) in wanted:
+                saved[key] = wanted[_entry(state_key, name, key)]
+    return loaded
+
+
+def _entry(state_key: str, name: str, key: str) -> str:
+    return f"{_KEY}/{state_key}/{name}/{key}"

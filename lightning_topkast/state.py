@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_topkast import kernels, selection, triton_kernels
+from lightning_topkast import kernels, selection, sharded, triton_kernels
 from lightning_topkast.device import FlatGroup, to_device
 from lightning_topkast.kernels import A_BIT, B_BIT, EVER_BIT, FinishCounts, Threshold
 
@@ -58,7 +58,10 @@ _STATE_STAYS_ZERO: tuple[type[Optimizer], ...] = (torch.optim.SGD, torch.optim.A
 
 @dataclass(eq=False)
 class MaskedTensor:
-    """One masked parameter: its dense values θ and one byte per weight for A, B and "ever in A"."""
+    """One masked parameter: its dense values θ and one byte per weight for A, B and "ever in A".
+
+    Of a sharded parameter (a ``DTensor``), θ and the set bytes cover this rank's shard only.
+    """
 
     name: str
     param: nn.Parameter
@@ -71,15 +74,32 @@ class MaskedTensor:
     forward_size: Any = field(init=False, default=0)  # |A| now: an int, or a 0-dim tensor without host syncs
     unit: _Unit = field(init=False, repr=False)  # the tensors selected together with this one
     offset: int = field(init=False, default=0)  # index of this tensor's first entry in its unit
+    placement: sharded.Placement | None = field(init=False, default=None)  # where a shard lies in the whole tensor
 
     def __post_init__(self) -> None:
-        self.theta = self.param.detach().clone(memory_format=torch.contiguous_format)
+        self.placement = sharded.placement_of(self.name, self.param)
+        self.theta = self.local_param.detach().clone(memory_format=torch.contiguous_format)
         self.code = torch.zeros_like(self.theta, dtype=torch.uint8)
 
     @property
+    def local_param(self) -> Tensor:
+        """The parameter's values this rank holds: the parameter, or a ``DTensor``'s local shard (same storage)."""
+        return sharded.local(self.param)
+
+    @property
     def numel(self) -> int:
-        """Number of weights in the tensor."""
+        """Number of weights held here (of a sharded parameter: in this rank's shard)."""
         return self.theta.numel()
+
+    @property
+    def total(self) -> int:
+        """Number of weights in the whole tensor, over every shard."""
+        return self.numel if self.placement is None else self.placement.numel
+
+    @property
+    def shape(self) -> list[int]:
+        """The whole tensor's shape."""
+        return list(self.theta.shape if self.placement is None else self.placement.shape)
 
     @property
     def forward_set(self) -> Tensor:
@@ -102,7 +122,7 @@ class MaskedTensor:
     @torch.no_grad()
     def write_forward_weights(self) -> None:
         """Make the parameter hold α: θ on A, exactly 0 elsewhere."""
-        self.param.copy_(torch.where(self.forward_set, self.theta, 0))
+        self.local_param.copy_(torch.where(self.forward_set, self.theta, 0))
 
     def kernels_for(self, *tensors: Tensor) -> kernels.Kernels:
         """This tensor's kernels, or torch's when a tensor they would touch is laid out otherwise."""
@@ -131,7 +151,8 @@ class _Unit:
     def __post_init__(self) -> None:
         self.size = 0
         for tensor in self.tensors:  # ties across a pool go to the earlier tensor: global indices in this order
-            tensor.unit, tensor.offset = self, self.size
+            # a shard's entries start where it lies in the whole tensor (a sharded tensor is a unit of its own)
+            tensor.unit, tensor.offset = self, self.size if tensor.placement is None else tensor.placement.offset
             self.size += tensor.numel
         dtype = self.tensors[0].theta.dtype
         self.mantissa, self.top = kernels.mantissa_bits(dtype), kernels.infinity_score(dtype)
@@ -172,7 +193,21 @@ class TopKAST:
         sync_free: bool | None = None,
     ) -> None:
         self._sync_free, self._compiled = sync_free, compiled  # as asked: None follows the device
-        self.sync_free = _on_cuda(params.values()) if sync_free is None else sync_free
+        shards = {name: sharded.placement_of(name, param) for name, param in params.items()}
+        self.sharded = any(p is not None for p in shards.values())
+        if self.sharded and sync_free is False:
+            raise ValueError(
+                "sync_free=False with sharded parameters: their selection is summed over the ranks on the device "
+                "path only; leave sync_free=None"
+            )
+        # sharded: the device path, whose passes run over the local shards and sum what needs the whole tensors
+        self.sync_free = (_on_cuda(params.values()) or self.sharded) if sync_free is None else sync_free
+        pooled = sorted(name for name in global_pool if shards.get(name) is not None)
+        if pooled:
+            raise ValueError(
+                f"global_pool holds sharded parameters ({', '.join(pooled)}): one top-k over several sharded "
+                "tensors is not supported; select per tensor (distribution 'uniform' or 'erk')"
+            )
         self.tensors = {
             name: MaskedTensor(
                 name, param, *densities[name], in_global_pool=name in global_pool, kernels=self._kernels_for(param)
@@ -208,7 +243,7 @@ class TopKAST:
                 self._select(unit)
 
     def _kernels_for(self, param: Tensor) -> kernels.Kernels:
-        return kernels.TorchKernels() if self.sync_free else kernels.for_tensor(param, self._compiled)
+        return kernels.TorchKernels() if self.sync_free else kernels.for_tensor(sharded.local(param), self._compiled)
 
     @torch.no_grad()
     def follow_parameters(self) -> bool:
@@ -246,6 +281,12 @@ class TopKAST:
                 self._owner[tensor.name] = optimizers[owner[id(tensor.param)]]
         self.steps += [0] * (len(optimizers) - len(self.steps))
         self._set_flat(self._flat_groups() if self.sync_free and self.batched_passes else {})
+        alone = [t.name for t in self.tensors.values() if t.placement is not None and t.name not in self._in_flat]
+        if alone:  # its rank-local decisions could differ between ranks, and the sums would wait forever
+            raise ValueError(
+                f"sharded parameters {', '.join(alone)} are not stepped by exactly one of the optimizers (or "
+                "batched_passes is False): a sharded tensor's refreshes are decided on its optimizer's flat group"
+            )
         self._unchecked = set(range(len(optimizers)))
         self._depth = [0] * len(optimizers)
         for i, opt in enumerate(optimizers):
@@ -259,7 +300,7 @@ class TopKAST:
 
         A unit whose tensors two optimizers step, or of mixed dtypes or devices, stays on the per-tensor passes.
         """
-        buckets: dict[tuple[int, torch.dtype, torch.device], list[_Unit]] = {}
+        buckets: dict[tuple[int, torch.dtype, torch.device, Any], list[_Unit]] = {}
         for unit in self.units:
             owners = {id(self._owner.get(t.name)) for t in unit.tensors}
             kinds = {(t.theta.dtype, t.theta.device) for t in unit.tensors}
@@ -267,11 +308,17 @@ class TopKAST:
             if owner is None or len(owners) > 1 or len(kinds) > 1:
                 continue
             index = next(i for i, opt in enumerate(self._optimizers) if opt is owner)
-            buckets.setdefault((index, *kinds.pop()), []).append(unit)
+            placement = unit.tensors[0].placement  # the ranks a sharded unit's sums go over
+            buckets.setdefault((index, *kinds.pop(), None if placement is None else placement.group), []).append(unit)
         groups: dict[int, list[FlatGroup]] = {}
-        for (index, _, device), units in buckets.items():
-            fused = triton_kernels.available(device)
-            groups.setdefault(index, []).append(triton_kernels.TritonGroup(units) if fused else FlatGroup(units))
+        for (index, _, device, shared_with), units in buckets.items():
+            if shared_with is not None:
+                batch: FlatGroup = sharded.ShardedGroup(units)
+            elif triton_kernels.available(device):
+                batch = triton_kernels.TritonGroup(units)
+            else:
+                batch = FlatGroup(units)
+            groups.setdefault(index, []).append(batch)
         return groups
 
     def _set_flat(self, groups: dict[int, list[FlatGroup]]) -> None:
@@ -319,7 +366,7 @@ class TopKAST:
                     "gradients: build the embedding with sparse=False or exclude it"
                 )
         for batch in self._flat.get(index, []):
-            grads = [t.param.grad for t in batch.tensors]
+            grads = [None if t.param.grad is None else sharded.local(t.param.grad) for t in batch.tensors]
             if any(g is not None for g in grads):
                 batch.prepare(grads, self._coefficients(batch, [penalty] * len(grads)) if penalty else None)
                 self._pending.update(t.name for t in batch.tensors)
@@ -346,6 +393,8 @@ class TopKAST:
     def _after_step(self, index: int) -> None:
         group = self._groups[index]
         pending = [t for t in group if t.name in self._pending]
+        if not pending and _creates_state_only(self._optimizers[index]):
+            return  # not a training step: it changed nothing but the optimizer state that a load then overwrites
         if not pending and any(t.param.grad is not None for t in group):
             raise RuntimeError(
                 "optimizer.step() ran without TopKAST.before_step(optimizer): the update used unmasked gradients. "
@@ -446,7 +495,7 @@ class TopKAST:
         """The optimizer state of ``batch`` by key (``exp_avg``, ...): per key, each tensor's, or None."""
         optimizer = self._owner.get(batch.tensors[0].name)
         per_tensor = [
-            {key: v for key, v in optimizer.state.get(t.param, {}).items() if _shaped_like(v, t.param)}
+            {key: sharded.local(v) for key, v in optimizer.state.get(t.param, {}).items() if _shaped_like(v, t.param)}
             if optimizer is not None
             else {}
             for t in batch.tensors
@@ -580,7 +629,11 @@ class TopKAST:
     def _select(self, unit: _Unit, sizes: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
         """A full selection: the thresholds from all of the unit's scores."""
         sampled = None if self.sync_free else self._sampled_thresholds(unit)
-        if sampled is not None:
+        placement = unit.tensors[0].placement
+        if placement is not None:  # a collective: every rank selects the whole tensor's sets together
+            scores = kernels.scores(unit.tensors[0].theta)
+            unit.forward, unit.backward = sharded.unit_thresholds(scores, (unit.forward_k, unit.backward_k), placement)
+        elif sampled is not None:
             unit.forward, unit.backward = sampled
         else:
             scores = torch.cat([kernels.scores(t.theta) for t in unit.tensors])
@@ -615,7 +668,7 @@ class TopKAST:
         for tensor in unit.tensors:
             states, offset = self._states(tensor), tensor.offset
             pending = tensor.name in self._pending  # its parameter holds θ on B now: α comes when its step ends
-            target = tensor.param if not pending else torch.empty_like(tensor.theta)
+            target = tensor.local_param if not pending else torch.empty_like(tensor.theta)
             if self.sync_free:
                 work: kernels.TorchKernels = tensor.kernels  # type: ignore[assignment]
                 left, _, tensor.forward_size = work.apply_counts(
@@ -633,7 +686,8 @@ class TopKAST:
         optimizer = self._owner.get(tensor.name)
         if optimizer is None:
             return []
-        return [v for v in optimizer.state.get(tensor.param, {}).values() if _shaped_like(v, tensor.param)]
+        states = optimizer.state.get(tensor.param, {}).values()
+        return [sharded.local(v) for v in states if _shaped_like(v, tensor.param)]
 
     # --- skipped steps ----------------------------------------------------------------------------------------------
 
@@ -676,6 +730,25 @@ class TopKAST:
             seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values())
 
+    def summed_over_shards(self, values: Mapping[str, Tensor]) -> dict[str, list[float]]:
+        """Per-tensor vectors (counts over what each rank holds) summed over the shards of each sharded tensor.
+
+        A collective when any tensor is sharded: every rank must call it. One read-back for all tensors.
+        """
+        by_group: dict[Any, list[str]] = {}
+        for name, tensor in self.tensors.items():
+            if tensor.placement is not None:
+                by_group.setdefault(tensor.placement.group, []).append(name)
+        summed = dict(values)
+        for group, names in by_group.items():
+            total = sharded.all_reduce(torch.stack([values[name] for name in names]), group)
+            summed.update(zip(names, total.unbind(0), strict=True))
+        if not summed:
+            return {}
+        device = next(iter(summed.values())).device
+        host = torch.stack([v.to(device) for v in summed.values()]).tolist()
+        return dict(zip(summed, host, strict=True))
+
     # --- checkpointing --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -688,12 +761,13 @@ class TopKAST:
             "skipped_steps": self.skipped_steps,
             "tensors": {
                 name: {
-                    "shape": list(t.theta.shape),
+                    "shape": t.shape,
                     "forward_density": t.forward_density,
                     "backward_density": t.backward_density,
                     "in_global_pool": t.in_global_pool,
-                    "theta": t.theta,
-                    "code": t.code,
+                    # a shard as a DTensor laid out as its parameter: torch's distributed checkpoint saves the whole
+                    "theta": t.theta if t.placement is None else t.placement.wrap(t.theta),
+                    "code": t.code if t.placement is None else t.placement.wrap(t.code),
                 }
                 for name, t in self.tensors.items()
             },
@@ -718,8 +792,8 @@ class TopKAST:
         problems += [f"{name}: masked now, not in the checkpoint" for name in self.tensors if name not in saved]
         for name in saved.keys() & self.tensors.keys():
             now, then = self.tensors[name], saved[name]
-            if list(now.theta.shape) != list(then["shape"]):
-                problems.append(f"{name}: shape {list(then['shape'])} in the checkpoint, {list(now.theta.shape)} now")
+            if now.shape != list(then["shape"]):
+                problems.append(f"{name}: shape {list(then['shape'])} in the checkpoint, {now.shape} now")
             for key in ("forward_density", "backward_density", "in_global_pool"):
                 if not math.isclose(float(getattr(now, key)), float(then[key]), rel_tol=1e-9, abs_tol=1e-12):
                     problems.append(
@@ -735,8 +809,8 @@ class TopKAST:
             raise ValueError("Top-KAST state does not fit the masked tensors: " + "; ".join(problems))
         for name, saved in state["tensors"].items():
             tensor = self.tensors[name]
-            tensor.theta.copy_(saved["theta"])
-            tensor.code.copy_(saved["code"])
+            tensor.theta.copy_(_this_shard(tensor, saved["theta"]))
+            tensor.code.copy_(_this_shard(tensor, saved["code"]))
             tensor.forward_size = int(torch.count_nonzero(tensor.code & A_BIT))
             tensor.write_forward_weights()
         for saved in state["units"]:
@@ -759,7 +833,7 @@ class TopKAST:
 
 
 def _unit(tensors: list[MaskedTensor]) -> _Unit:
-    size = sum(t.numel for t in tensors)
+    size = sum(t.total for t in tensors)
     forward, backward = tensors[0].forward_density, tensors[0].backward_density
     return _Unit(tensors, selection.count(forward, size), selection.count(backward, size))
 
@@ -831,6 +905,25 @@ def _to_host(flag: Tensor) -> _HostCopy:
     copied = torch.cuda.Event()
     copied.record()
     return _HostCopy(host, copied)
+
+
+def _this_shard(tensor: MaskedTensor, saved: Tensor) -> Tensor:
+    """Of a saved θ or set bytes, the part ``tensor`` holds.
+
+    That is a DTensor's local shard, or this rank's rows of a whole tensor (a consolidated checkpoint's).
+    """
+    if hasattr(saved, "to_local"):
+        return saved.to_local()
+    if tensor.placement is None or list(saved.shape) != tensor.shape:
+        return saved
+    return tensor.placement.shard_of(saved)
+
+
+def _creates_state_only(optimizer: Optimizer) -> bool:
+    """Whether a step was torch.distributed.checkpoint's, which creates state to load into: lr 0, zero gradients."""
+    return all(group["lr"] == 0 for group in optimizer.param_groups) and all(
+        p.grad is None or not bool(sharded.local(p.grad).any()) for g in optimizer.param_groups for p in g["params"]
+    )
 
 
 def _shaped_like(value: object, param: Tensor) -> bool:

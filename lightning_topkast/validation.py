@@ -12,17 +12,44 @@ from typing import Any
 import torch
 
 
-def check_strategy(strategy: object, sharded: tuple[type, ...]) -> None:
-    """Raise for a strategy that shards parameters (an instance of one of ``sharded``): not supported yet.
+def check_strategy(strategy: object, refused: tuple[type, ...], model_parallel: type) -> None:
+    """Raise for a strategy whose shards the whole tensor's top-k cannot follow.
 
-    The caller passes the classes (Lightning's ``FSDPStrategy``, ``DeepSpeedStrategy``, ``ModelParallelStrategy``),
-    so a subclass is caught by ``isinstance`` and a rename in Lightning fails at import, not silently.
+    ``refused``: Lightning's ``FSDPStrategy`` (FSDP1's flat parameters) and ``DeepSpeedStrategy``; ``model_parallel``:
+    ``ModelParallelStrategy``, supported with data parallelism only (FSDP2). The caller passes the classes, so a
+    subclass is caught by ``isinstance`` and a rename in Lightning fails at import, not silently.
     """
-    if isinstance(strategy, sharded):
+    if isinstance(strategy, refused):
         raise ValueError(
-            f"TopKASTCallback does not support Trainer(strategy={type(strategy).__name__}): it shards parameters, and "
-            "a top-k per shard is a different algorithm from Top-KAST's per-tensor top-k. Use strategy='ddp' or a "
-            "single device."
+            f"TopKASTCallback does not support Trainer(strategy={type(strategy).__name__}): its shards are not the "
+            "whole tensors Top-KAST ranks. Shard with FSDP2 instead: Trainer(strategy=ModelParallelStrategy("
+            'data_parallel_size=N, tensor_parallel_size=1)) with fully_shard in configure_model (README, "Training '
+            "models larger than one device\"), or use strategy='ddp' or a single device."
+        )
+    if isinstance(strategy, model_parallel):
+        try:
+            mesh = strategy.device_mesh  # type: ignore[attr-defined]  # built by setup_environment, before fit's setup
+        except RuntimeError:  # not set up yet: judged when it is
+            return
+        size = mesh["tensor_parallel"].size() if "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
+        if size > 1:
+            raise ValueError(
+                f"TopKASTCallback does not support ModelParallelStrategy(tensor_parallel_size={size}): tensor-parallel "
+                "shards split rows and columns across ranks. Use tensor_parallel_size=1 (FSDP2 data parallelism)."
+            )
+
+
+def check_sharded_plan(parameters: Mapping[str, torch.Tensor], distribution: str) -> None:
+    """Raise for a configuration sharded parameters do not support: one top-k over several sharded tensors."""
+    from lightning_topkast.sharded import placement_of
+
+    if distribution != "global":
+        return
+    names = [name for name, p in parameters.items() if placement_of(name, p) is not None]
+    if names:
+        raise ValueError(
+            f"distribution='global' with sharded parameters ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+            "): one top-k over several sharded tensors is not supported. Use distribution='uniform' or 'erk'."
         )
 
 

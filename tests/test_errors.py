@@ -606,17 +606,9 @@ CASES = [
         None,
         {"strategy": ShardedStrategy()},
         ValueError,
-        r"does not support Trainer\(strategy=ShardedStrategy\): it shards parameters.*Use strategy='ddp' or a single"
-        r" device",
+        r"does not support Trainer\(strategy=ShardedStrategy\): its shards are not the whole tensors.*"
+        r"ModelParallelStrategy\(data_parallel_size=N, tensor_parallel_size=1\)\) with fully_shard in configure_model",
         id="strategy-fsdp-subclass",
-    ),
-    pytest.param(
-        {},
-        None,
-        {"strategy": ModelParallelStrategy()},
-        ValueError,
-        r"does not support Trainer\(strategy=ModelParallelStrategy\).*Use strategy='ddp'",
-        id="strategy-model-parallel",
     ),
 ]
 
@@ -849,17 +841,23 @@ def test_the_cli_control_yaml_trains(tmp_path: Path, optimizer_steps: list[objec
 # --- direct checks ----------------------------------------------------------------------------------------------
 
 
-SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+REFUSED = (FSDPStrategy, DeepSpeedStrategy)
 
 
-SHARDED_CASES = [FSDPStrategy(), ModelParallelStrategy(), ShardedStrategy()]
+REFUSED_CASES = [FSDPStrategy(), ShardedStrategy()]
 
 
-@pytest.mark.parametrize("strategy", SHARDED_CASES)
-def test_sharded_strategies_are_rejected(strategy: object) -> None:
+@pytest.mark.parametrize("strategy", REFUSED_CASES)
+def test_strategies_whose_shards_are_not_whole_tensors_are_refused(strategy: object) -> None:
     name = type(strategy).__name__
-    with pytest.raises(ValueError, match=rf"does not support Trainer\(strategy={name}\).*Use strategy='ddp'"):
-        check_strategy(strategy, SHARDED)
+    with pytest.raises(ValueError, match=rf"does not support Trainer\(strategy={name}\).*fully_shard.*strategy='ddp'"):
+        check_strategy(strategy, REFUSED, ModelParallelStrategy)
+
+
+def test_model_parallelism_is_judged_once_its_mesh_exists() -> None:
+    """Before setup the strategy has no mesh to say its tensor-parallel size: the check waits for fit's setup (the
+    two-rank refusal is in test_fsdp.py)."""
+    check_strategy(ModelParallelStrategy(), REFUSED, ModelParallelStrategy)
 
 
 class FSDPStrategyLookalike(SingleDeviceStrategy):
@@ -884,4 +882,4 @@ def test_the_battery_holds_as_many_bad_configurations_as_the_readme_says() -> No
     distinct = {p.id for p in CASES} | {p.id for p in RESUME_CASES} | {f"cli-{p.id}" for p in CLI_CASES}
     assert len(distinct) == len(CASES) + len(RESUME_CASES) + len(CLI_CASES)
     # + the sharded strategies checked directly
-    assert len(distinct) + len(SHARDED_CASES) == guaranteed_count("bad configurations")
+    assert len(distinct) + len(REFUSED_CASES) == guaranteed_count("bad configurations")

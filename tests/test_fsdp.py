@@ -1,0 +1,311 @@
+"""Top-KAST under FSDP2 (``fully_shard``) through Lightning's ``ModelParallelStrategy``: two gloo ranks on CPU.
+
+Each rank holds θ and the sets of its own rows only; the sets must still be those of the whole tensors. The fit runs
+in a fresh interpreter that executes this file as a script (``python tests/test_fsdp.py OUT MODE``: Lightning
+starts the second rank by re-running the command), and every rank writes what it saw to ``OUT``; the tests compare:
+
+- after every optimizer step, the gathered θ against the exact single-process selection of the whole tensors;
+- a run resumed from a distributed checkpoint (and from a consolidated one) against the uninterrupted run;
+- configurations that are refused before training, with what would work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_topkast import TopKASTCallback, selection
+from lightning_topkast.kernels import A_BIT, B_BIT
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+FORWARD_SPARSITY, BACKWARD_SPARSITY = 0.7, 0.4
+# rows 13, 5 and 1 over 2 ranks: uneven shards (7 + 6, 3 + 2) and an empty one (1 + 0)
+MASKED = {"net.2.weight": (13, 16), "net.4.weight": (5, 13), "net.6.weight": (1, 5)}
+SAMPLES, BATCH_SIZE, EPOCHS = 48, 8, 2  # 3 steps an epoch on each rank
+
+
+class ShardedMLP(L.LightningModule):
+    """A regression MLP whose layers ``configure_model`` shards with FSDP2, as a user's module would."""
+
+    def __init__(self, lr: float = 0.05, optimizer: str = "adamw") -> None:
+        super().__init__()
+        self.lr, self.optimizer = lr, optimizer
+        self.net = nn.Sequential(
+            nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 13), nn.ReLU(), nn.Linear(13, 5), nn.ReLU(), nn.Linear(5, 1)
+        )
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-3)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1e-2)
+
+
+def _loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(SAMPLES, 8, generator=generator)
+    y = x[:, :3].sum(1) + 0.1 * torch.randn(SAMPLES, generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE, shuffle=False)
+
+
+def _whole(engine: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """Every masked tensor's θ, set bytes and parameter, gathered whole on every rank (a collective)."""
+    out = {}
+    for name, t in engine.tensors.items():
+        place = t.placement
+        assert place is not None, f"{name} is not sharded"
+        out[name] = {
+            "theta": place.wrap(t.theta).full_tensor(),
+            "code": place.wrap(t.code).full_tensor(),
+            "param": t.param.full_tensor(),
+            "local_rows": t.theta.shape[0],
+        }
+    return out
+
+
+class Recorder(L.Callback):
+    """After every optimizer step: the whole θ, sets and parameters, and the engine's counters, per rank."""
+
+    def __init__(self, topkast: TopKASTCallback, out: Path, tag: str) -> None:
+        self.topkast, self.out, self.tag = topkast, out, tag
+        self.records: list[dict[str, Any]] = []
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        engine = self.topkast.engine
+        assert engine is not None
+        self.records.append(
+            {
+                "step": trainer.global_step,
+                "refreshes": engine.refreshes,
+                "early_refreshes": engine.early_refreshes,
+                "tensors": _whole(engine),
+                "metrics": self.topkast.metrics(),  # a collective under sharding: every rank logs
+                "memory_bytes": engine.memory_bytes(),
+            }
+        )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(self.records, self.out / f"{self.tag}-rank{trainer.global_rank}.pt")
+
+
+class HalfwayCheckpoint(L.Callback):
+    """Saves the first epoch's end (every rank takes part: the model's state and θ are sharded)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 0:
+            trainer.save_checkpoint(self.path)
+
+
+def _trainer(out: Path, callbacks: list, max_epochs: int = EPOCHS, **strategy: Any) -> L.Trainer:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, **strategy),
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        default_root_dir=out,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+
+
+def _topkast(**kwargs: Any) -> TopKASTCallback:
+    arguments: dict[str, Any] = {
+        "forward_sparsity": FORWARD_SPARSITY,
+        "backward_sparsity": BACKWARD_SPARSITY,
+        "verbose": False,
+    }
+    return TopKASTCallback(**{**arguments, **kwargs})
+
+
+def main(out: Path, mode: str) -> None:
+    L.seed_everything(0, verbose=False)
+    if mode == "every-step":  # refreshing after every step, AdamW: the sets equal the whole tensors' selection
+        topkast = _topkast()
+        _trainer(out, [topkast, Recorder(topkast, out, mode)]).fit(ShardedMLP(), _loader())
+    elif mode == "early":  # a long interval: refreshes only when the summed early test says so, on both ranks
+        topkast = _topkast(update_interval=100, early_refresh=0.0)
+        _trainer(out, [topkast, Recorder(topkast, out, mode)]).fit(ShardedMLP(lr=0.2, optimizer="sgd"), _loader())
+    elif mode in ("whole", "resumed"):  # the whole run saves a checkpoint after its first epoch; resumed goes on
+        consolidated = os.environ.get("TOPKAST_CONSOLIDATED") == "1"
+        topkast = _topkast(update_interval=2)
+        callbacks: list = [topkast, Recorder(topkast, out, mode)]
+        trainer = _trainer(out, callbacks, save_distributed_checkpoint=not consolidated)
+        if mode == "whole":
+            trainer.callbacks.append(HalfwayCheckpoint(out / "half.ckpt"))
+        trainer.fit(ShardedMLP(), _loader(), ckpt_path=str(out / "half.ckpt") if mode == "resumed" else None)
+    elif mode == "global":
+        _trainer(out, [_topkast(distribution="global")]).fit(ShardedMLP(), _loader())
+    elif mode == "tensor-parallel":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
+            max_epochs=1,
+            callbacks=[_topkast()],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+        )
+        trainer.fit(ShardedMLP(), _loader())
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+
+
+def _run(out: Path, mode: str, env: dict[str, str] | None = None, expect_failure: bool = False) -> str:
+    """Runs this file as a script in ``mode``; Lightning starts the second rank. Returns the output."""
+    environment = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV} | (env or {})
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(HERE), environment.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), str(out), mode],
+        cwd=out,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    if expect_failure:
+        assert proc.returncode != 0, f"{mode} ran, expected a refusal:\n{output[-3000:]}"
+    else:
+        assert proc.returncode == 0, f"{mode} failed:\n{output[-6000:]}"
+    return output
+
+
+def _records(out: Path, tag: str) -> list[list[dict[str, Any]]]:
+    return [torch.load(out / f"{tag}-rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _assert_exact_selection(tensors: dict[str, dict[str, Any]]) -> None:
+    """The gathered sets are the exact top-k of the gathered θ, and the parameters hold α."""
+    for name, t in tensors.items():
+        a, b = selection.forward_backward_sets(t["theta"], 1 - FORWARD_SPARSITY, 1 - BACKWARD_SPARSITY)
+        assert torch.equal((t["code"] & A_BIT) != 0, a), name
+        assert torch.equal((t["code"] & B_BIT) != 0, b), name
+        assert torch.equal(t["param"], torch.where(a, t["theta"], 0)), name
+
+
+@pytest.mark.slow
+def test_sets_equal_the_whole_tensors_selection_after_every_step(tmp_path: Path) -> None:
+    _run(tmp_path, "every-step")
+    ranks = _records(tmp_path, "every-step")
+    steps = EPOCHS * SAMPLES // (2 * BATCH_SIZE)
+    for records in ranks:
+        assert [r["step"] for r in records] == list(range(1, steps + 1))
+        assert [r["refreshes"] for r in records] == list(range(1, steps + 1))  # update_interval=1
+    # each rank holds its own rows only: 7 + 6, 3 + 2 and 1 + 0 of them
+    assert {n: [ranks[r][0]["tensors"][n]["local_rows"] for r in range(2)] for n in MASKED} == {
+        "net.2.weight": [7, 6],
+        "net.4.weight": [3, 2],
+        "net.6.weight": [1, 0],
+    }
+    for zero, one in zip(*ranks, strict=True):
+        for name in MASKED:
+            for key in ("theta", "code", "param"):
+                assert torch.equal(zero["tensors"][name][key], one["tensors"][name][key]), (name, key)
+        _assert_exact_selection(zero["tensors"])
+        # the logged densities are the whole tensors', the same on both ranks; FLOPs are not measured under FSDP2
+        assert zero["metrics"].keys() == one["metrics"].keys()
+        for key, value in zero["metrics"].items():
+            assert value == one["metrics"][key] or (math.isnan(value) and math.isnan(one["metrics"][key])), key
+        assert math.isnan(zero["metrics"]["topkast/train_flops_fraction"])
+        numel = sum(r * c for r, c in MASKED.values())
+        forward = sum(selection.count(1 - FORWARD_SPARSITY, r * c) for r, c in MASKED.values())
+        assert zero["metrics"]["topkast/backward_density"] == pytest.approx(
+            sum(selection.count(1 - BACKWARD_SPARSITY, r * c) for r, c in MASKED.values()) / numel, abs=1e-12
+        )
+        assert zero["metrics"]["topkast/forward_density"] <= forward / numel
+    # the sets moved, so agreement is not that of masks that never change
+    for name in MASKED:
+        assert len({bytes(r["tensors"][name]["code"].numpy()) for r in ranks[0]}) > 1, name
+    # each rank holds 5 bytes per weight of its shard (θ in fp32 and the set bytes), not of the whole tensors
+    for r, records in enumerate(ranks):
+        held = sum(records[0]["tensors"][n]["local_rows"] * c for n, (_, c) in MASKED.items())
+        assert 5 * held <= records[0]["memory_bytes"] < 5 * held + 1024, r  # + thresholds and offsets
+
+
+@pytest.mark.slow
+def test_the_early_refresh_fires_on_the_same_steps_on_every_rank(tmp_path: Path) -> None:
+    _run(tmp_path, "early")
+    zero, one = _records(tmp_path, "early")
+    assert [r["refreshes"] for r in zero] == [r["refreshes"] for r in one]
+    assert [r["early_refreshes"] for r in zero] == [r["early_refreshes"] for r in one]
+    assert zero[-1]["early_refreshes"] > 0  # early_refresh=0.0: one explorer above A's threshold is enough
+    changed = 0
+    for before, after in itertools.pairwise(zero):
+        for name, t in after["tensors"].items():  # a tensor whose sets moved was refreshed: exactly, as a whole
+            if not torch.equal(t["code"] & (A_BIT | B_BIT), before["tensors"][name]["code"] & (A_BIT | B_BIT)):
+                _assert_exact_selection({name: t})
+                changed += 1
+    assert changed > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("consolidated", [False, True], ids=["distributed", "consolidated"])
+def test_a_resumed_sharded_run_ends_identical_to_an_uninterrupted_one(tmp_path: Path, consolidated: bool) -> None:
+    env = {"TOPKAST_CONSOLIDATED": "1" if consolidated else "0"}
+    for mode in ("whole", "resumed"):
+        _run(tmp_path, mode, env)
+    assert (tmp_path / "half.ckpt").is_dir() != consolidated  # a distributed checkpoint is a directory
+    whole, resumed = _records(tmp_path, "whole")[0], _records(tmp_path, "resumed")[0]
+    assert len(resumed) == len(whole) // 2
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole[len(whole) - len(resumed) :]]
+    for name in MASKED:
+        for key in ("theta", "code", "param"):
+            assert torch.equal(resumed[-1]["tensors"][name][key], whole[-1]["tensors"][name][key]), (name, key)
+    assert resumed[-1]["refreshes"] == whole[-1]["refreshes"]
+
+
+@pytest.mark.slow
+def test_a_global_distribution_over_shards_is_refused(tmp_path: Path) -> None:
+    output = _run(tmp_path, "global", expect_failure=True)
+    assert "distribution='global' with sharded parameters (net.2.weight, net.4.weight, net.6.weight)" in output
+    assert "Use distribution='uniform' or 'erk'" in output
+
+
+@pytest.mark.slow
+def test_tensor_parallelism_is_refused(tmp_path: Path) -> None:
+    output = _run(tmp_path, "tensor-parallel", expect_failure=True)
+    assert "does not support ModelParallelStrategy(tensor_parallel_size=2)" in output
+    assert "Use tensor_parallel_size=1" in output
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
