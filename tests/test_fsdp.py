@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_topkast import TopKASTCallback, selection
+from lightning_topkast import TopKASTCallback, selection, sharded
 from lightning_topkast.kernels import A_BIT, B_BIT
 
 HERE = Path(__file__).resolve().parent
@@ -89,19 +89,29 @@ def _whole(engine: Any) -> dict[str, dict[str, torch.Tensor]]:
 
 
 class Recorder(L.Callback):
-    """After every optimizer step: the whole θ, sets and parameters, and the engine's counters, per rank."""
+    """After every optimizer step: the whole θ, sets and parameters, the engine's counters and its all-reduces."""
 
     def __init__(self, topkast: TopKASTCallback, out: Path, tag: str) -> None:
         self.topkast, self.out, self.tag = topkast, out, tag
         self.records: list[dict[str, Any]] = []
+        self.reduced: list[tuple[int, str]] = []  # (entries, dtype) of each all-reduce since the last step
+        summing = sharded.all_reduce
+
+        def counted(values: torch.Tensor, group: Any) -> torch.Tensor:
+            self.reduced.append((values.numel(), str(values.dtype)))
+            return summing(values, group)
+
+        sharded.all_reduce = counted  # the engine's one way to sum over shards
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         engine = self.topkast.engine
         assert engine is not None
+        reduced, self.reduced = self.reduced, []
         self.records.append(
             {
+                "all_reduces": reduced,
                 "step": trainer.global_step,
                 "refreshes": engine.refreshes,
                 "early_refreshes": engine.early_refreshes,
@@ -252,6 +262,15 @@ def test_sets_equal_the_whole_tensors_selection_after_every_step(tmp_path: Path)
             sum(selection.count(1 - BACKWARD_SPARSITY, r * c) for r, c in MASKED.values()) / numel, abs=1e-12
         )
         assert zero["metrics"]["topkast/forward_density"] <= forward / numel
+    # a refresh of the 3 tensors sums, in one all-reduce each: 3 rounds of 11-bit digit histograms (2 queries, A and
+    # B, x 2,048 bins per tensor), the tied entries and shard offsets per rank, the splits, the turnover; then the
+    # metrics' counts (5 per tensor, float64) that the recorder asks for after the step
+    tensors, queries = len(MASKED), 2 * len(MASKED)
+    refresh = [(queries * 2048, "torch.int64")] * 3 + [(2 * (queries + tensors), "torch.int64")]
+    refresh += [(queries, "torch.int64"), (2 * tensors, "torch.int64")]
+    for records in ranks:
+        for record in records[1:]:
+            assert record["all_reduces"] == [(5 * tensors, "torch.float64"), *refresh], record["step"]
     # the sets moved, so agreement is not that of masks that never change
     for name in MASKED:
         assert len({bytes(r["tensors"][name]["code"].numpy()) for r in ranks[0]}) > 1, name
