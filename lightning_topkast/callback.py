@@ -402,6 +402,9 @@ class TopKASTCallback(Callback):
                 "weights instead."
             )
         rank_zero_warn(f"{message}. strict_resume=False: masks computed afresh from the checkpoint's weights.")
+        engine = self._require_engine()
+        if engine.attached:  # restored after setup (ModelParallelStrategy): the engine saw the weights before the load
+            engine.start_from_parameters()
 
     def _should_log(self, trainer: Trainer) -> bool:
         """At least wherever Lightning writes step metrics, judged from public Trainer attributes only.

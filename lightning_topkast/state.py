@@ -350,6 +350,20 @@ class TopKAST:
                 return i
         raise RuntimeError("TopKAST.before_step got an optimizer that was not attached; call attach() first")
 
+    @torch.no_grad()
+    def start_from_parameters(self) -> None:
+        """Take θ anew from the parameters and select A and B from it, as at construction; counters are kept.
+
+        For weights loaded after the engine was built (a strategy that restores a checkpoint after setup).
+        """
+        for tensor in self.tensors.values():
+            tensor.theta.copy_(tensor.local_param)
+            tensor.code.zero_()
+        for unit in self.units:
+            unit.since_refresh, unit.early_flag = 0, None
+            self._select(unit)
+        self._adopt_thresholds()
+
     # --- one step -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()

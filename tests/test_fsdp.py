@@ -136,11 +136,14 @@ class HalfwayCheckpoint(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
-def _trainer(out: Path, callbacks: list, max_epochs: int = EPOCHS, **strategy: Any) -> L.Trainer:
+def _trainer(
+    out: Path, callbacks: list, max_epochs: int = EPOCHS, precision: str = "32-true", **strategy: Any
+) -> L.Trainer:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return L.Trainer(
         accelerator="cpu",
+        precision=precision,
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, **strategy),
         max_epochs=max_epochs,
@@ -167,6 +170,9 @@ def main(out: Path, mode: str) -> None:
     if mode == "every-step":  # refreshing after every step, AdamW: the sets equal the whole tensors' selection
         topkast = _topkast()
         _trainer(out, [topkast, Recorder(topkast, out, mode)]).fit(ShardedMLP(), _loader())
+    elif mode == "bf16-true":  # bf16 weights: θ in bf16, a 15-bit key, 2 histogram rounds
+        topkast = _topkast()
+        _trainer(out, [topkast, Recorder(topkast, out, mode)], precision="bf16-true").fit(ShardedMLP(), _loader())
     elif mode == "early":  # a long interval: refreshes only when the summed early test says so, on both ranks
         topkast = _topkast(update_interval=100, early_refresh=0.0)
         _trainer(out, [topkast, Recorder(topkast, out, mode)]).fit(ShardedMLP(lr=0.2, optimizer="sgd"), _loader())
@@ -178,6 +184,17 @@ def main(out: Path, mode: str) -> None:
         if mode == "whole":
             trainer.callbacks.append(HalfwayCheckpoint(out / "half.ckpt"))
         trainer.fit(ShardedMLP(), _loader(), ckpt_path=str(out / "half.ckpt") if mode == "resumed" else None)
+    elif mode == "no-state":  # a checkpoint saved without the callback: refused, or masks from its weights
+        trainer = _trainer(out, [], max_epochs=1)
+        trainer.fit(ShardedMLP(), _loader())
+        trainer.save_checkpoint(out / "dense.ckpt")
+        try:
+            _trainer(out, [_topkast()]).fit(ShardedMLP(), _loader(), ckpt_path=str(out / "dense.ckpt"))
+        except ValueError as error:
+            (out / f"refused-rank{trainer.global_rank}.txt").write_text(str(error))
+        topkast = _topkast(strict_resume=False)
+        after = _trainer(out, [topkast, Recorder(topkast, out, mode)])
+        after.fit(ShardedMLP(), _loader(), ckpt_path=str(out / "dense.ckpt"))
     elif mode == "global":
         _trainer(out, [_topkast(distribution="global")]).fit(ShardedMLP(), _loader())
     elif mode == "tensor-parallel":
@@ -281,6 +298,24 @@ def test_sets_equal_the_whole_tensors_selection_after_every_step(tmp_path: Path)
 
 
 @pytest.mark.slow
+def test_bf16_weights_keep_bf16_sets_of_the_whole_tensors(tmp_path: Path) -> None:
+    _run(tmp_path, "bf16-true")
+    zero, one = _records(tmp_path, "bf16-true")
+    tensors, queries = len(MASKED), 2 * len(MASKED)
+    for first, second in zip(zero, one, strict=True):
+        for name in MASKED:
+            assert first["tensors"][name]["theta"].dtype == torch.bfloat16
+            assert torch.equal(first["tensors"][name]["code"], second["tensors"][name]["code"])
+        _assert_exact_selection(first["tensors"])
+    refresh = [(queries * 2048, "torch.int64")] * 2 + [(2 * (queries + tensors), "torch.int64")]
+    refresh += [(queries, "torch.int64"), (2 * tensors, "torch.int64")]
+    assert all(r["all_reduces"] == [(5 * tensors, "torch.float64"), *refresh] for r in zero[1:])
+    # 3 bytes per weight held: θ in bf16 and the set byte
+    held = sum(zero[0]["tensors"][n]["local_rows"] * c for n, (_, c) in MASKED.items())
+    assert 3 * held <= zero[0]["memory_bytes"] < 3 * held + 1024
+
+
+@pytest.mark.slow
 def test_the_early_refresh_fires_on_the_same_steps_on_every_rank(tmp_path: Path) -> None:
     _run(tmp_path, "early")
     zero, one = _records(tmp_path, "early")
@@ -310,6 +345,21 @@ def test_a_resumed_sharded_run_ends_identical_to_an_uninterrupted_one(tmp_path: 
         for key in ("theta", "code", "param"):
             assert torch.equal(resumed[-1]["tensors"][name][key], whole[-1]["tensors"][name][key]), (name, key)
     assert resumed[-1]["refreshes"] == whole[-1]["refreshes"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_the_callback_is_refused_or_sparsified(tmp_path: Path) -> None:
+    output = _run(tmp_path, "no-state")
+    for rank in range(2):
+        refused = (tmp_path / f"refused-rank{rank}.txt").read_text()
+        assert "cannot resume Top-KAST from this checkpoint: the checkpoint holds no state for" in refused
+        assert "Pass TopKASTCallback(strict_resume=False)" in refused
+    assert "strict_resume=False: masks computed afresh from the checkpoint's weights" in output
+    zero, one = _records(tmp_path, "no-state")
+    assert len(zero) == len(one) == SAMPLES // (2 * BATCH_SIZE)  # the second epoch only
+    for first, second in zip(zero, one, strict=True):
+        _assert_exact_selection(first["tensors"])
+        assert all(torch.equal(first["tensors"][n]["code"], second["tensors"][n]["code"]) for n in MASKED)
 
 
 @pytest.mark.slow
