@@ -40,9 +40,9 @@ SAMPLES, BATCH_SIZE, EPOCHS = 48, 8, 2  # 3 steps an epoch on each rank
 class ShardedMLP(L.LightningModule):
     """A regression MLP whose layers ``configure_model`` shards with FSDP2, as a user's module would."""
 
-    def __init__(self, lr: float = 0.05, optimizer: str = "adamw") -> None:
+    def __init__(self, lr: float = 0.05, optimizer: str = "adamw", hsdp: bool = False) -> None:
         super().__init__()
-        self.lr, self.optimizer = lr, optimizer
+        self.lr, self.optimizer, self.hsdp = lr, optimizer, hsdp
         self.net = nn.Sequential(
             nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 13), nn.ReLU(), nn.Linear(13, 5), nn.ReLU(), nn.Linear(5, 1)
         )
@@ -51,6 +51,10 @@ class ShardedMLP(L.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
+        if self.hsdp:  # 2 replicas of 1 shard: only the sharding dimension's ranks may take part in the sums
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
         for layer in self.net:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
@@ -165,54 +169,75 @@ def _topkast(**kwargs: Any) -> TopKASTCallback:
     return TopKASTCallback(**{**arguments, **kwargs})
 
 
+# --- the runs, one per mode (each in the script's two processes) -----------------------------------------------
+
+
+def _recorded(out: Path, mode: str, module: ShardedMLP, precision: str = "32-true", **kwargs: Any) -> None:
+    topkast = _topkast(**kwargs)
+    _trainer(out, [topkast, Recorder(topkast, out, mode)], precision=precision).fit(module, _loader())
+
+
+def _checkpointed(out: Path, mode: str) -> None:
+    """``whole`` saves a checkpoint after its first epoch; ``resumed`` goes on from it."""
+    consolidated = os.environ.get("TOPKAST_CONSOLIDATED") == "1"
+    topkast = _topkast(update_interval=2)
+    trainer = _trainer(out, [topkast, Recorder(topkast, out, mode)], save_distributed_checkpoint=not consolidated)
+    if mode == "whole":
+        trainer.callbacks.append(HalfwayCheckpoint(out / "half.ckpt"))
+    trainer.fit(ShardedMLP(), _loader(), ckpt_path=str(out / "half.ckpt") if mode == "resumed" else None)
+
+
+def _without_state(out: Path, mode: str) -> None:
+    """A checkpoint saved without the callback: refused, or masks from its weights with ``strict_resume=False``."""
+    trainer = _trainer(out, [], max_epochs=1)
+    trainer.fit(ShardedMLP(), _loader())
+    trainer.save_checkpoint(out / "dense.ckpt")
+    try:
+        _trainer(out, [_topkast()]).fit(ShardedMLP(), _loader(), ckpt_path=str(out / "dense.ckpt"))
+    except ValueError as error:
+        (out / f"refused-rank{trainer.global_rank}.txt").write_text(str(error))
+    topkast = _topkast(strict_resume=False)
+    after = _trainer(out, [topkast, Recorder(topkast, out, mode)])
+    after.fit(ShardedMLP(), _loader(), ckpt_path=str(out / "dense.ckpt"))
+
+
+def _tensor_parallel(out: Path, mode: str) -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
+        max_epochs=1,
+        callbacks=[_topkast()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(ShardedMLP(), _loader())
+
+
+MODES = {
+    # a refresh after every step, AdamW: the sets equal the whole tensors' selection
+    "every-step": lambda out, mode: _recorded(out, mode, ShardedMLP()),
+    # bf16 weights: θ in bf16, a 15-bit key, 2 histogram rounds
+    "bf16-true": lambda out, mode: _recorded(out, mode, ShardedMLP(), precision="bf16-true"),
+    "hsdp": lambda out, mode: _recorded(out, mode, ShardedMLP(hsdp=True)),
+    # a long interval: refreshes only when the summed early test says so, on both ranks
+    "early": lambda out, mode: _recorded(
+        out, mode, ShardedMLP(lr=0.2, optimizer="sgd"), update_interval=100, early_refresh=0.0
+    ),
+    "whole": _checkpointed,
+    "resumed": _checkpointed,
+    "no-state": _without_state,
+    "global": lambda out, mode: _trainer(out, [_topkast(distribution="global")]).fit(ShardedMLP(), _loader()),
+    "tensor-parallel": _tensor_parallel,
+}
+
+
 def main(out: Path, mode: str) -> None:
     L.seed_everything(0, verbose=False)
-    if mode == "every-step":  # refreshing after every step, AdamW: the sets equal the whole tensors' selection
-        topkast = _topkast()
-        _trainer(out, [topkast, Recorder(topkast, out, mode)]).fit(ShardedMLP(), _loader())
-    elif mode == "bf16-true":  # bf16 weights: θ in bf16, a 15-bit key, 2 histogram rounds
-        topkast = _topkast()
-        _trainer(out, [topkast, Recorder(topkast, out, mode)], precision="bf16-true").fit(ShardedMLP(), _loader())
-    elif mode == "early":  # a long interval: refreshes only when the summed early test says so, on both ranks
-        topkast = _topkast(update_interval=100, early_refresh=0.0)
-        _trainer(out, [topkast, Recorder(topkast, out, mode)]).fit(ShardedMLP(lr=0.2, optimizer="sgd"), _loader())
-    elif mode in ("whole", "resumed"):  # the whole run saves a checkpoint after its first epoch; resumed goes on
-        consolidated = os.environ.get("TOPKAST_CONSOLIDATED") == "1"
-        topkast = _topkast(update_interval=2)
-        callbacks: list = [topkast, Recorder(topkast, out, mode)]
-        trainer = _trainer(out, callbacks, save_distributed_checkpoint=not consolidated)
-        if mode == "whole":
-            trainer.callbacks.append(HalfwayCheckpoint(out / "half.ckpt"))
-        trainer.fit(ShardedMLP(), _loader(), ckpt_path=str(out / "half.ckpt") if mode == "resumed" else None)
-    elif mode == "no-state":  # a checkpoint saved without the callback: refused, or masks from its weights
-        trainer = _trainer(out, [], max_epochs=1)
-        trainer.fit(ShardedMLP(), _loader())
-        trainer.save_checkpoint(out / "dense.ckpt")
-        try:
-            _trainer(out, [_topkast()]).fit(ShardedMLP(), _loader(), ckpt_path=str(out / "dense.ckpt"))
-        except ValueError as error:
-            (out / f"refused-rank{trainer.global_rank}.txt").write_text(str(error))
-        topkast = _topkast(strict_resume=False)
-        after = _trainer(out, [topkast, Recorder(topkast, out, mode)])
-        after.fit(ShardedMLP(), _loader(), ckpt_path=str(out / "dense.ckpt"))
-    elif mode == "global":
-        _trainer(out, [_topkast(distribution="global")]).fit(ShardedMLP(), _loader())
-    elif mode == "tensor-parallel":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
-            max_epochs=1,
-            callbacks=[_topkast()],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-        )
-        trainer.fit(ShardedMLP(), _loader())
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
+    MODES[mode](out, mode)
 
 
 def _run(out: Path, mode: str, env: dict[str, str] | None = None, expect_failure: bool = False) -> str:
@@ -313,6 +338,18 @@ def test_bf16_weights_keep_bf16_sets_of_the_whole_tensors(tmp_path: Path) -> Non
     # 3 bytes per weight held: θ in bf16 and the set byte
     held = sum(zero[0]["tensors"][n]["local_rows"] * c for n, (_, c) in MASKED.items())
     assert 3 * held <= zero[0]["memory_bytes"] < 3 * held + 1024
+
+
+@pytest.mark.slow
+def test_hsdp_sums_over_the_sharding_dimension_only(tmp_path: Path) -> None:
+    """Replicas that summed their histograms would count every weight twice and pick other thresholds."""
+    _run(tmp_path, "hsdp")
+    zero, one = _records(tmp_path, "hsdp")
+    for first, second in zip(zero, one, strict=True):
+        for name, (rows, _) in MASKED.items():
+            assert first["tensors"][name]["local_rows"] == rows  # each replica holds the whole rows
+            assert torch.equal(first["tensors"][name]["code"], second["tensors"][name]["code"])
+        _assert_exact_selection(first["tensors"])
 
 
 @pytest.mark.slow
