@@ -28,6 +28,7 @@ import optimizer_step
 import overhead
 import refresh
 import scaling
+import sharded_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -152,6 +153,7 @@ TABLES: dict[str, Callable[[], str]] = {
         optimizer_step.tables(load("optimizer_step.json")) + "\n\n" + source("optimizer_step.json")
     ),
     "export": lambda: export_size.table(load("export_size.json")["rows"]) + "\n\n" + source("export_size.json"),
+    "sharded-lm": lambda: sharded_lm.table(load("sharded_lm.json")["runs"]) + "\n\n" + source("sharded_lm.json"),
     "headline-accuracy": headline_accuracy,
     "headline-overhead": headline_overhead,
 }
