@@ -27,14 +27,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import data  # noqa: E402
+import common
+import data
 
-from lightning_topkast import TopKASTCallback  # noqa: E402
+from lightning_topkast import TopKASTCallback
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sharded_lm.json"
 MODEL = {"d_model": 128, "n_layers": 2, "n_heads": 4, "context": 64}  # the accuracy grid's text model
@@ -78,7 +77,8 @@ def run(strategy: str, steps: int, out: Path, data_dir: str | None) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     torch.set_num_threads(1)
-    for pattern in (".*does not have many workers.*", ".*GPU available.*", ".*LeafSpec.*", ".*returned a view tensor.*"):
+    quiet = (".*does not have many workers.*", ".*GPU available.*", ".*LeafSpec.*", ".*returned a view tensor.*")
+    for pattern in quiet:
         warnings.filterwarnings("ignore", pattern)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     splits = data.kjv(data_dir)
