@@ -314,7 +314,7 @@ def test_a_flat_group_resumes_bit_exactly() -> None:
 # --- launches: the number of operations in a step does not grow with the number of tensors --------------------------
 
 # The counts README.md, docs/refresh.md and docs/results.md state (benchmarks/launches.py prints them). The target
-# is 40: the torch passes miss it when they refresh, each set test being several elementwise operations.
+# is 40: both meet it (the torch passes exactly, when they refresh).
 STATED = {"triton": {1: 25, 100: 12}, "torch": {1: 40, 100: 38}}
 
 
