@@ -195,7 +195,11 @@ class FlatGroup:
         else:
             found = thresholds_in_order(scores, order, self.queries)
             torch.where(torch.repeat_interleave(due, 2)[:, None], found, self.thresholds, out=self.thresholds)
-        runs = self._run_moves_due if due is None else self._run_moves + torch.repeat_interleave(due, 3) * DUE
+        runs = (
+            self._run_moves_due
+            if due is None
+            else torch.where(due.repeat_interleave(3), self._run_moves_due, self._run_moves)
+        )
         moves = self.code.to(torch.int32).scatter_add_(0, order, torch.repeat_interleave(
             runs, self._run_lengths, output_size=self.numel
         ))  # fmt: skip

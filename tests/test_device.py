@@ -264,23 +264,34 @@ def test_flat_groups_step_as_the_host_path_bit_for_bit(kind: str, config: str, m
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_flat_groups_keep_the_one_step_late_early_refresh(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Early refreshes read their test a step late on the device path: the same steps and sets as the per-tensor
-    sync-free passes, which do the same."""
-    runs = []
+@pytest.mark.parametrize(
+    "densities", [None, {"0.weight": (0.5, 0.75), "1.weight": (0.25, 0.6), "2.weight": (0.1, 0.3)}]
+)
+def test_flat_groups_keep_the_one_step_late_early_refresh(
+    kind: str, densities: dict[str, tuple[float, float]] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Early refreshes read their test a step late on the device path: the same steps, sets and turnover as the
+    per-tensor sync-free passes, which do the same (with densities per tensor, some refreshes are of some units)."""
+    runs, turnovers = [], []
     for batched in (False, True):
         model = _model(layers=3)
-        engine = _engine(model, sync_free=True, compiled=False, update_interval=50, early_refresh=0.02)
+        engine = _engine(model, densities, sync_free=True, compiled=False, update_interval=50, early_refresh=0.02)
         engine.batched_passes = batched
+        heard: list[dict[str, tuple[int, int]]] = []
+        engine.refresh_listeners.append(lambda moved, heard=heard: heard.append(_as_ints(moved)))
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
         with _kernels(kind, monkeypatch):
             engine.attach([optimizer])
             _train(model, engine, optimizer, 8)
         assert bool(engine._flat) is batched
         runs.append(engine)
+        turnovers.append(heard)
     per_tensor, flat = runs
     assert 0 < flat.early_refreshes == per_tensor.early_refreshes < 8
     assert flat.refreshes == per_tensor.refreshes
+    assert turnovers[0] == turnovers[1]
+    if densities is not None:
+        assert any(len(moved) < len(flat.tensors) for moved in turnovers[1])  # a refresh of some units only
     for name, tensor in per_tensor.tensors.items():
         assert torch.equal(tensor.code, flat.tensors[name].code), name
         assert torch.equal(tensor.theta, flat.tensors[name].theta), name
