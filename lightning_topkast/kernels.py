@@ -93,6 +93,10 @@ class Refreshed(NamedTuple):
     size: int  # the size of the new A
 
 
+PrepareJob = tuple[Tensor, Tensor, Tensor, Tensor, float, float]  # prepare's arguments: theta, code, param, grad, lams
+FinishJob = tuple[Tensor, Tensor, Tensor, float, float, Threshold, Threshold, int]  # finish's: theta ... offset
+
+
 class Kernels(Protocol):
     """The passes over one flat masked tensor. ``offset`` is its first entry's index in a global pool."""
 
@@ -118,6 +122,12 @@ class Kernels(Protocol):
         On B, θ is ``param`` less dec·param (the decoupled penalty, dec = ``dec_a`` on A, ``dec_e`` on B \ A; both 0
         turns it off). The counts are against the current ``forward`` and ``backward`` thresholds.
         """
+
+    def prepare_many(self, jobs: Sequence[PrepareJob]) -> None:
+        """:meth:`prepare` of several tensors, in one call where the backend can."""
+
+    def finish_many(self, jobs: Sequence[FinishJob]) -> list[FinishCounts]:
+        """:meth:`finish` of several tensors, in one call where the backend can; the counts of each."""
 
     def count_at_least(self, theta: Tensor, rungs: Sequence[int]) -> list[int]:
         """For each of up to :data:`RUNGS` scores, the number of entries scoring at least that."""
@@ -281,6 +291,15 @@ class TorchKernels:
         self.merge(theta, code, param, dec_a, dec_e)
         return FinishCounts(*(int(n) for n in self.finish_counts(theta, code, forward, backward, offset)))
 
+    def prepare_many(self, jobs: Sequence[PrepareJob]) -> None:
+        """See :meth:`Kernels.prepare_many`."""
+        for job in jobs:
+            self.prepare(*job)
+
+    def finish_many(self, jobs: Sequence[FinishJob]) -> list[FinishCounts]:
+        """See :meth:`Kernels.finish_many`."""
+        return [self.finish(*job) for job in jobs]
+
     def finish_counts(
         self, theta: Tensor, code: Tensor, forward: Threshold, backward: Threshold, offset: int
     ) -> Tensor:
@@ -378,6 +397,9 @@ class CKernels:
             f"topkast_finish_{suffix}",
             [_c_int64, *[_ptr] * 3, scalar, scalar, _c_int32, *[_c_int64] * 4, _ptr],
         )
+        self._prepare_many = _function(library, f"topkast_prepare_many_{suffix}", [_c_int32, *[_ptr] * 7])
+        self._finish_many = _function(library, f"topkast_finish_many_{suffix}", [_c_int32, *[_ptr] * 8])
+        self._scalar = scalar
         self._count = _function(library, f"topkast_count_at_least_{suffix}", [_c_int64, _ptr, _ptr, _ptr])
         self._apply = _function(
             library, f"topkast_apply_{suffix}", [_c_int64, *[_ptr] * 3, *[_c_int64] * 4, *[_ptr] * 3, _c_int32, _ptr]
@@ -393,6 +415,8 @@ class CKernels:
             ctypes.c_int32,
         )
         self._out = (ctypes.c_int64 * RUNGS)()  # counts come back here: a ctypes array reads back cheaper than a tensor
+        self._refresh_args = ((ctypes.c_int64 * 4)(), (ctypes.c_int64 * 4)(), (ctypes.c_double * 2)())
+        self._top = infinity_score(dtype)
 
     def prepare(self, theta: Tensor, code: Tensor, param: Tensor, grad: Tensor, lam_a: float, lam_e: float) -> None:
         """See :meth:`Kernels.prepare`."""
@@ -416,6 +440,29 @@ class CKernels:
         fa, fb = _local(forward, offset, n), _local(backward, offset, n)
         self._finish(n, _p(theta), _p(code), _p(param), dec_a, dec_e, decoupled, *fa, *fb, self._out)
         return FinishCounts(*self._out[:5])
+
+    def prepare_many(self, jobs: Sequence[PrepareJob]) -> None:
+        """See :meth:`Kernels.prepare_many`: one C call for all of them."""
+        n = len(jobs)
+        tensors = [(_c_int64 * n)(*(job[0].numel() for job in jobs))]
+        tensors += [(_ptr * n)(*(job[i].data_ptr() for job in jobs)) for i in range(4)]
+        lams = (self._scalar * (2 * n))(*(lam for job in jobs for lam in job[4:]))
+        penalty = (_c_int32 * n)(*(int(bool(job[4] or job[5])) for job in jobs))
+        self._prepare_many(n, *tensors, lams, penalty)
+
+    def finish_many(self, jobs: Sequence[FinishJob]) -> list[FinishCounts]:
+        """See :meth:`Kernels.finish_many`: one C call for all of them."""
+        n = len(jobs)
+        tensors = [(_c_int64 * n)(*(job[0].numel() for job in jobs))]
+        tensors += [(_ptr * n)(*(job[i].data_ptr() for job in jobs)) for i in range(3)]
+        decs = (self._scalar * (2 * n))(*(dec for job in jobs for dec in job[3:5]))
+        decoupled = (_c_int32 * n)(*(int(bool(job[3] or job[4])) for job in jobs))
+        thresholds = (_c_int64 * (4 * n))(
+            *(x for job in jobs for t in job[5:7] for x in _local(t, job[7], job[0].numel()))  # type: ignore[arg-type]
+        )
+        out = (_c_int64 * (5 * n))()
+        self._finish_many(n, *tensors, decs, decoupled, thresholds, out)
+        return [FinishCounts(*out[5 * t : 5 * t + 5]) for t in range(n)]
 
     def count_at_least(self, theta: Tensor, rungs: Sequence[int]) -> list[int]:
         """See :meth:`Kernels.count_at_least`."""
@@ -454,16 +501,17 @@ class CKernels:
         spacing: tuple[float | None, float | None],
     ) -> Refreshed | None:
         """See :meth:`Kernels.refresh`."""
-        fused = [s for s in states if _fits(s, theta)][:3]
-        if len(fused) < len(states):
+        if len(states) > 3 or not all(_fits(s, theta) for s in states):
             return None  # states the loop cannot zero: the searching path zeroes them
-        thresholds = (ctypes.c_int64 * 4)(*previous[0], *previous[1])
-        gaps = (ctypes.c_double * 2)(*(g or 0.0 for g in spacing))
-        pointers = [_p(s) for s in fused] + [None] * (3 - len(fused))
-        top = infinity_score(theta.dtype)
+        # the arguments in arrays kept for the purpose: a refresh at every step should not build them anew
+        thresholds, ranks, gaps = self._refresh_args
+        thresholds[:] = [*previous[0], *previous[1]]
+        ranks[:] = [*ks, *at_previous]
+        gaps[:] = [g or 0.0 for g in spacing]
+        pointers = [_p(s) for s in states] + [None] * (3 - len(states))
         done = self._refresh(
-            theta.numel(), _p(theta), _p(code), _p(param), thresholds, (ctypes.c_int64 * 2)(*ks),
-            (ctypes.c_int64 * 2)(*at_previous), gaps, top, PICK_CAP, *pointers, len(fused), self._out,
+            theta.numel(), _p(theta), _p(code), _p(param), thresholds, ranks, ctypes.byref(ranks, 16), gaps,
+            self._top, PICK_CAP, *pointers, len(states), self._out,
         )  # fmt: skip
         if done < 0:
             raise MemoryError("Top-KAST's refresh kernel could not allocate its buffers")
