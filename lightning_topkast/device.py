@@ -10,8 +10,9 @@ on the number of tensors.
 :class:`FlatGroup` runs the passes as torch operations: what :class:`lightning_topkast.kernels.TorchKernels`
 computes per tensor, with the same operations in the same order, so bit-identical to it and so to the compiled CPU
 path. :class:`lightning_topkast.triton_kernels.TritonGroup` runs the same passes, with the same signatures, as fused
-Triton kernels. The selection is :func:`lightning_topkast.batched.select_by_sort` here and a radix select there,
-both exact.
+Triton kernels. The selection is a stable sort here (:func:`lightning_topkast.batched.segment_order`, whose order
+also gives the new sets) and a radix select there, both exact. A refresh writes the sets through small tables
+indexed by each entry's move (old set byte, new set, whether its unit is due): see :func:`_move_tables`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_topkast import kernels
-from lightning_topkast.batched import Queries, segment_order, select_by_sort, thresholds_in_order
+from lightning_topkast.batched import Queries, segment_order, thresholds_in_order
 from lightning_topkast.kernels import A_BIT, B_BIT, EVER_BIT
 
 if TYPE_CHECKING:
@@ -64,7 +65,6 @@ class FlatGroup:
         self.adopt_thresholds()
         starts = self.queries.tensors["segment_starts"]
         self._split_offsets = torch.stack([torch.zeros_like(starts), starts], dim=1)[:, None, :]  # [units, 1, 2]
-        self._in_a_code = torch.tensor(A_BIT | B_BIT | EVER_BIT, dtype=torch.uint8, device=self.device)
         self._needed: dict[float, Tensor] = {}
         self._tables: dict[tuple[tuple[float, ...], tuple[float, ...]], tuple[Tensor, Tensor | None]] = {}
         # each unit's order in three runs: its first forward_k entries go to A, the next ones to B \ A, the rest out
@@ -123,10 +123,6 @@ class FlatGroup:
         r"""Per unit, the members of B \ A at or above A's threshold: what the early refresh tests."""
         (above_a,) = self._at_least(kernels.scores(self.theta), slice(0, 1))
         return _segment_sums(above_a & ((self.code & (A_BIT | B_BIT)) == B_BIT), self.queries)
-
-    def select(self, scores: Tensor) -> Tensor:
-        """The thresholds of every unit's A and B from the flat ``scores``, as :attr:`thresholds` holds them."""
-        return select_by_sort(scores, self.queries, self.top)
 
     def apply(
         self, scores: Tensor, due: Tensor | None, states: Sequence[Sequence[Tensor | None]]
