@@ -397,8 +397,8 @@ class CKernels:
             f"topkast_finish_{suffix}",
             [_c_int64, *[_ptr] * 3, scalar, scalar, _c_int32, *[_c_int64] * 4, _ptr],
         )
-        self._prepare_many = _function(library, f"topkast_prepare_many_{suffix}", [_c_int32, *[_ptr] * 7])
-        self._finish_many = _function(library, f"topkast_finish_many_{suffix}", [_c_int32, *[_ptr] * 8])
+        self._prepare_many = _function(library, f"topkast_prepare_many_{suffix}", [_c_int32, _ptr, _ptr])
+        self._finish_many = _function(library, f"topkast_finish_many_{suffix}", [_c_int32, _ptr, _ptr, _ptr])
         self._scalar = scalar
         self._count = _function(library, f"topkast_count_at_least_{suffix}", [_c_int64, _ptr, _ptr, _ptr])
         self._apply = _function(
@@ -442,27 +442,27 @@ class CKernels:
         return FinishCounts(*self._out[:5])
 
     def prepare_many(self, jobs: Sequence[PrepareJob]) -> None:
-        """See :meth:`Kernels.prepare_many`: one C call for all of them."""
-        n = len(jobs)
-        tensors = [(_c_int64 * n)(*(job[0].numel() for job in jobs))]
-        tensors += [(_ptr * n)(*(job[i].data_ptr() for job in jobs)) for i in range(4)]
-        lams = (self._scalar * (2 * n))(*(lam for job in jobs for lam in job[4:]))
-        penalty = (_c_int32 * n)(*(int(bool(job[4] or job[5])) for job in jobs))
-        self._prepare_many(n, *tensors, lams, penalty)
+        """See :meth:`Kernels.prepare_many`: one C call for all of them, its arguments in two arrays."""
+        rows = [
+            x
+            for theta, code, param, grad, lam_a, lam_e in jobs
+            for x in (theta.numel(), theta.data_ptr(), code.data_ptr(), param.data_ptr(), grad.data_ptr(),
+                      int(bool(lam_a or lam_e)))
+        ]  # fmt: skip
+        lams = [lam for job in jobs for lam in job[4:]]
+        self._prepare_many(len(jobs), (_c_int64 * len(rows))(*rows), (self._scalar * len(lams))(*lams))
 
     def finish_many(self, jobs: Sequence[FinishJob]) -> list[FinishCounts]:
-        """See :meth:`Kernels.finish_many`: one C call for all of them."""
-        n = len(jobs)
-        tensors = [(_c_int64 * n)(*(job[0].numel() for job in jobs))]
-        tensors += [(_ptr * n)(*(job[i].data_ptr() for job in jobs)) for i in range(3)]
-        decs = (self._scalar * (2 * n))(*(dec for job in jobs for dec in job[3:5]))
-        decoupled = (_c_int32 * n)(*(int(bool(job[3] or job[4])) for job in jobs))
-        thresholds = (_c_int64 * (4 * n))(
-            *(x for job in jobs for t in job[5:7] for x in _local(t, job[7], job[0].numel()))  # type: ignore[arg-type]
-        )
-        out = (_c_int64 * (5 * n))()
-        self._finish_many(n, *tensors, decs, decoupled, thresholds, out)
-        return [FinishCounts(*out[5 * t : 5 * t + 5]) for t in range(n)]
+        """See :meth:`Kernels.finish_many`: one C call for all of them, its arguments in two arrays."""
+        rows = []
+        for theta, code, param, dec_a, dec_e, forward, backward, offset in jobs:
+            n = theta.numel()
+            rows += (n, theta.data_ptr(), code.data_ptr(), param.data_ptr(), int(bool(dec_a or dec_e)))
+            rows += (*_local(forward, offset, n), *_local(backward, offset, n))
+        decs = [dec for job in jobs for dec in job[3:5]]
+        out = (_c_int64 * (5 * len(jobs)))()
+        self._finish_many(len(jobs), (_c_int64 * len(rows))(*rows), (self._scalar * len(decs))(*decs), out)
+        return [FinishCounts(*out[5 * t : 5 * t + 5]) for t in range(len(jobs))]
 
     def count_at_least(self, theta: Tensor, rungs: Sequence[int]) -> list[int]:
         """See :meth:`Kernels.count_at_least`."""
