@@ -415,7 +415,6 @@ class CKernels:
             ctypes.c_int32,
         )
         self._out = (ctypes.c_int64 * RUNGS)()  # counts come back here: a ctypes array reads back cheaper than a tensor
-        self._refresh_args = ((ctypes.c_int64 * 4)(), (ctypes.c_int64 * 4)(), (ctypes.c_double * 2)())
         self._top = infinity_score(dtype)
 
     def prepare(self, theta: Tensor, code: Tensor, param: Tensor, grad: Tensor, lam_a: float, lam_e: float) -> None:
@@ -501,17 +500,15 @@ class CKernels:
         spacing: tuple[float | None, float | None],
     ) -> Refreshed | None:
         """See :meth:`Kernels.refresh`."""
-        if len(states) > 3 or not all(_fits(s, theta) for s in states):
+        fused = [s for s in states if _fits(s, theta)][:3]
+        if len(fused) < len(states):
             return None  # states the loop cannot zero: the searching path zeroes them
-        # the arguments in arrays kept for the purpose: a refresh at every step should not build them anew
-        thresholds, ranks, gaps = self._refresh_args
-        thresholds[:] = [*previous[0], *previous[1]]
-        ranks[:] = [*ks, *at_previous]
-        gaps[:] = [g or 0.0 for g in spacing]
-        pointers = [_p(s) for s in states] + [None] * (3 - len(states))
+        thresholds = (ctypes.c_int64 * 4)(*previous[0], *previous[1])
+        gaps = (ctypes.c_double * 2)(*(g or 0.0 for g in spacing))
+        pointers = [_p(s) for s in fused] + [None] * (3 - len(fused))
         done = self._refresh(
-            theta.numel(), _p(theta), _p(code), _p(param), thresholds, ranks, ctypes.byref(ranks, 16), gaps,
-            self._top, PICK_CAP, *pointers, len(states), self._out,
+            theta.numel(), _p(theta), _p(code), _p(param), thresholds, (ctypes.c_int64 * 2)(*ks),
+            (ctypes.c_int64 * 2)(*at_previous), gaps, self._top, PICK_CAP, *pointers, len(fused), self._out,
         )  # fmt: skip
         if done < 0:
             raise MemoryError("Top-KAST's refresh kernel could not allocate its buffers")
