@@ -323,7 +323,7 @@ class TopKAST:
             if any(g is not None for g in grads):
                 batch.prepare(grads, self._coefficients(batch, [penalty] * len(grads)) if penalty else None)
                 self._pending.update(t.name for t in batch.tensors)
-        jobs: dict[int, tuple[kernels.Kernels, list[kernels.PrepareJob]]] = {}  # one call per kind of kernels
+        jobs: dict[kernels.Kernels, list[kernels.PrepareJob]] = {}  # one call per kind of kernels
         for tensor in group:
             grad = tensor.param.grad
             if grad is None or tensor.name in self._in_flat:
@@ -333,11 +333,9 @@ class TopKAST:
             # through the parameter, so a weight outside B that a bf16 step made NaN adds no NaN.
             lam_a, lam_e = penalty, penalty / tensor.forward_density if penalty else 0.0
             work = tensor.kernels_for(tensor.param, grad)
-            jobs.setdefault(id(work), (work, []))[1].append(
-                (tensor.theta, tensor.code, tensor.param, grad, lam_a, lam_e)
-            )
+            jobs.setdefault(work, []).append((tensor.theta, tensor.code, tensor.param, grad, lam_a, lam_e))
             self._pending.add(tensor.name)
-        for work, batch in jobs.values():
+        for work, batch in jobs.items():
             work.prepare_many(batch)
 
     def _enter_step(self, index: int) -> None:
@@ -465,7 +463,7 @@ class TopKAST:
         decoupled = self.decoupled_penalty and self.penalty
         rates = {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]} if decoupled else {}
         totals: dict[_Unit, Any] = {}
-        jobs: dict[int, tuple[kernels.Kernels, list[MaskedTensor], list[kernels.FinishJob]]] = {}
+        jobs: dict[kernels.Kernels, tuple[list[MaskedTensor], list[kernels.FinishJob]]] = {}
         for tensor in pending:
             unit = tensor.unit
             dec_a = -rates[id(tensor.param)] * self.penalty if decoupled else 0.0
@@ -481,12 +479,14 @@ class TopKAST:
                 totals[unit] = _add(totals.get(unit), found)
             else:  # one call per kind of kernels
                 work = tensor.kernels_for(tensor.param)
-                _, tensors, batch = jobs.setdefault(id(work), (work, [], []))
+                if work not in jobs:
+                    jobs[work] = ([], [])
+                tensors, batch = jobs[work]
                 tensors.append(tensor)
                 batch.append(
                     (tensor.theta, tensor.code, tensor.param, dec_a, dec_e, unit.forward, unit.backward, tensor.offset)
                 )
-        for work, tensors, batch in jobs.values():
+        for work, (tensors, batch) in jobs.items():
             for tensor, found in zip(tensors, work.finish_many(batch), strict=True):
                 totals[tensor.unit] = _add(totals.get(tensor.unit), found)
         self._pending.difference_update(t.name for t in pending)
