@@ -113,6 +113,30 @@ void NAME(finish)(int64_t n, T *restrict theta, const uint8_t *restrict code, T 
   }
 }
 
+/* ---- the two passes of every step over several tensors in one call ------------------------------------------------ */
+
+/* prepare over `count` tensors, described by one table of count rows: size, θ, code, param and grad (addresses as
+ * integers), and whether the penalty applies; lams[2t] and lams[2t + 1] are tensor t's coefficients on A and on
+ * B \ A. One table, not an array per argument: building the arguments is most of a small step's cost. */
+void NAME(prepare_many)(int32_t count, const int64_t *restrict table, const T *restrict lams) {
+  for (int32_t t = 0; t < count; t++) {
+    const int64_t *row = table + 6 * t;
+    NAME(prepare)(row[0], (const T *)(intptr_t)row[1], (const uint8_t *)(intptr_t)row[2], (T *)(intptr_t)row[3],
+                  (T *)(intptr_t)row[4], lams[2 * t], lams[2 * t + 1], (int32_t)row[5]);
+  }
+}
+
+/* finish over `count` tensors, one table row each: size, θ, code and param (addresses as integers), whether the
+ * decoupled penalty applies, and the thresholds (ta, sa, tb, sb), the splits local to the tensor; decs[2t] and
+ * decs[2t + 1] are dec_a and dec_e; the five counts of tensor t go to out[5t ..]. */
+void NAME(finish_many)(int32_t count, const int64_t *restrict table, const T *restrict decs, int64_t *restrict out) {
+  for (int32_t t = 0; t < count; t++) {
+    const int64_t *row = table + 9 * t;
+    NAME(finish)(row[0], (T *)(intptr_t)row[1], (const uint8_t *)(intptr_t)row[2], (T *)(intptr_t)row[3], decs[2 * t],
+                 decs[2 * t + 1], (int32_t)row[4], row[5], row[6], row[7], row[8], out + 5 * t);
+  }
+}
+
 /* ---- counting scores at a ladder of thresholds ----------------------------------------------------------------- */
 
 #define RUNGS 16

@@ -10,7 +10,8 @@ NaN last, so the sets are the CPU path's, bit for bit. A :class:`~lightning_topk
 sentinels, ``(top + 1, 0)`` and ``(-1, size)``; here they name the first and the last entry: the same sets.) Two
 implementations, equal bit for bit:
 
-- :func:`select_by_sort`: one stable sort of segment-keyed scores (as JaxPruner's exact top-k), in torch operations;
+- :func:`select_by_sort`: one stable sort of segment-keyed scores (as JaxPruner's exact top-k), in torch operations
+  (:func:`segment_order`; the device path also reads the new sets from the order itself);
 - :func:`lightning_topkast.triton_kernels.select_by_radix`: a radix select over the score bits in Triton, a few
   rounds of per-tile digit histograms and no sort.
 """
@@ -82,13 +83,12 @@ class Queries:
         return torch.repeat_interleave(values, self.tensors["sizes"], dim=0, output_size=self.numel)
 
 
-def select_by_sort(scores: Tensor, queries: Queries, top: int) -> Tensor:
+def select_by_sort(scores: Tensor, queries: Queries, top: int, out: Tensor | None = None) -> Tensor:
     """Every query's threshold from one stable sort of the flat integer ``scores``: ``[queries, 2]`` (score, split).
 
     ``scores`` are :func:`lightning_topkast.kernels.scores` of the flat buffer and ``top`` the score of inf. The
-    sort key puts the segment above the score, so each segment's entries stay together in descending score, and
-    stability keeps ties in index order. The threshold names an entry of the order: the ``k``-th, so that it
-    selects the first ``k``; for ``k = 0`` the first, with the split at its index, so that it selects none.
+    threshold names an entry of the order (:func:`segment_order`): the ``k``-th, so that it selects the first ``k``;
+    for ``k = 0`` the first, with the split at its index, so that it selects none. Written into ``out`` if given.
 
     Examples:
         >>> from lightning_topkast.kernels import infinity_score, scores
@@ -97,15 +97,35 @@ def select_by_sort(scores: Tensor, queries: Queries, top: int) -> Tensor:
         >>> select_by_sort(scores(theta), q, infinity_score(theta.dtype))[:, 1].tolist()
         [3, 1, 1]
     """
-    descending = top - scores.to(torch.int64)  # ascending in this is descending |θ|, NaN (-1) last
-    position = queries.tensors["position"]
+    return thresholds_in_order(scores, segment_order(scores, queries, top), queries, out)
+
+
+def segment_order(scores: Tensor, queries: Queries, top: int) -> Tensor:
+    """The flat indices of every segment's entries in the selection order, one segment after the other.
+
+    Within a segment: descending score (-0.5 ties 0.5), ties by index (a stable sort), NaN (score -1) last. The
+    sort key puts the segment above the score, so each segment keeps its range of positions: the ``k``-th entry of
+    segment ``s`` is at position ``start(s) + k - 1``, known in advance.
+
+    Examples:
+        >>> from lightning_topkast.kernels import infinity_score, scores
+        >>> theta = torch.tensor([1.0, 3.0, 2.0, 3.0, -0.5, float("nan"), 0.5])
+        >>> segment_order(scores(theta), Queries(sizes=(4, 3), segment=(), k=()), infinity_score(theta.dtype)).tolist()
+        [1, 3, 2, 0, 4, 6, 5]
+    """
     if scores.dtype == torch.int64:  # fp64: 63 bits of score leave no room for the segment: two stable sorts
-        by_score = torch.sort(descending, stable=True).indices
+        by_score = torch.sort(top - scores, stable=True).indices  # ascending in this is descending |θ|, NaN last
         segment = queries.per_entry(torch.arange(len(queries.sizes), device=scores.device))
-        index = by_score[torch.sort(segment[by_score], stable=True).indices][position]
-        score = top - descending[index]
-    else:
-        keys, order = torch.sort(queries.per_entry(queries.tensors["segment_base"]) + descending, stable=True)
-        index = order[position]
-        score = queries.cached(f"query_base + {top}", lambda: queries.tensors["query_base"] + top) - keys[position]
-    return torch.stack([score, index + queries.tensors["split_shift"]], dim=1)
+        return by_score[torch.sort(segment[by_score], stable=True).indices]
+    base = queries.cached(f"segment_base + {top}", lambda: queries.tensors["segment_base"] + top)
+    return torch.sort(queries.per_entry(base) - scores, stable=True).indices  # int64 keys: segment, then top - score
+
+
+def thresholds_in_order(scores: Tensor, order: Tensor, queries: Queries, out: Tensor | None = None) -> Tensor:
+    """Every query's threshold ``[queries, 2]`` (score, split): the entry at its position of ``order``."""
+    index = order[queries.tensors["position"]]
+    if out is None:
+        out = torch.empty(len(queries.k), 2, dtype=torch.int64, device=scores.device)
+    torch.add(index, queries.tensors["split_shift"], out=out[:, 1])
+    out[:, 0].copy_(scores[index])
+    return out

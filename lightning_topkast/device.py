@@ -10,12 +10,14 @@ on the number of tensors.
 :class:`FlatGroup` runs the passes as torch operations: what :class:`lightning_topkast.kernels.TorchKernels`
 computes per tensor, with the same operations in the same order, so bit-identical to it and so to the compiled CPU
 path. :class:`lightning_topkast.triton_kernels.TritonGroup` runs the same passes, with the same signatures, as fused
-Triton kernels. The selection is :func:`lightning_topkast.batched.select_by_sort` here and a radix select there,
-both exact.
+Triton kernels. The selection is a stable sort here (:func:`lightning_topkast.batched.segment_order`, whose order
+also gives the new sets) and a radix select there, both exact. A refresh writes the sets through small tables
+indexed by each entry's move (old set byte, new set, whether its unit is due): see :func:`_move_tables`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -24,7 +26,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from lightning_topkast import kernels
-from lightning_topkast.batched import Queries, select_by_sort
+from lightning_topkast.batched import Queries, segment_order, thresholds_in_order
 from lightning_topkast.kernels import A_BIT, B_BIT, EVER_BIT
 
 if TYPE_CHECKING:
@@ -66,9 +68,14 @@ class FlatGroup:
         starts = self.queries.tensors["segment_starts"]
         first = torch.tensor([unit.tensors[0].offset for unit in self.units], dtype=torch.int64, device=self.device)
         self._split_offsets = torch.stack([torch.zeros_like(starts), starts - first], dim=1)[:, None, :]  # [units,1,2]
-        self._in_a_code = torch.tensor(A_BIT | B_BIT | EVER_BIT, dtype=torch.uint8, device=self.device)
         self._needed: dict[float, Tensor] = {}
-        self._tables: dict[tuple[tuple[float, ...], tuple[float, ...]], Tensor] = {}
+        self._tables: dict[tuple[tuple[float, ...], tuple[float, ...]], tuple[Tensor, Tensor | None]] = {}
+        # each unit's order in three runs: its first forward_k entries go to A, the next ones to B \ A, the rest out
+        runs = [(unit.forward_k, unit.backward_k - unit.forward_k, unit.size - unit.backward_k) for unit in self.units]
+        self._run_lengths = torch.tensor([n for run in runs for n in run], dtype=torch.int64, device=self.device)
+        self._run_moves = torch.tensor([IN_A, IN_B, OUT] * len(runs), dtype=torch.int32, device=self.device)
+        self._run_moves_due = self._run_moves + DUE
+        self._moves = _move_tables(self.device)
 
     def adopt_thresholds(self) -> None:
         """Take the units' thresholds into the table; the units then hold views of its rows.
@@ -120,10 +127,6 @@ class FlatGroup:
         (above_a,) = self._at_least(kernels.scores(self.theta), slice(0, 1))
         return _segment_sums(above_a & ((self.code & (A_BIT | B_BIT)) == B_BIT), self.queries)
 
-    def select(self, scores: Tensor) -> Tensor:
-        """The thresholds of every unit's A and B from the flat ``scores``, as :attr:`thresholds` holds them."""
-        return select_by_sort(scores, self.queries, self.top)
-
     def apply(
         self, scores: Tensor, due: Tensor | None, states: Sequence[Sequence[Tensor | None]]
     ) -> tuple[Tensor, Tensor]:
@@ -133,25 +136,38 @@ class FlatGroup:
         entry stays in B. Returns, per tensor, the members that left A and the size A had (0 where not due).
         """
         in_a, in_b = self._at_least(scores, slice(0, 2))
-        was_a, was_b = _bit(self.code, A_BIT), _bit(self.code, B_BIT)
-        if due is not None:  # the other units keep their sets
-            due_here = self.queries.per_entry(due)
-            in_a, in_b = torch.where(due_here, in_a, was_a), torch.where(due_here, in_b, was_b)
-            was_a = was_a & due_here
-        left, size = _segment_sums(torch.stack([was_a & ~in_a, was_a], dim=1), self.per_tensor).unbind(1)
-        stay = was_b & in_b
-        for kind in states:
-            self._scatter(kind, torch.where(stay, self._gather(kind, self.theta), 0))
-        ever = self.code & EVER_BIT
-        torch.where(in_a, self._in_a_code, torch.where(in_b, ever | B_BIT, ever), out=self.code)
+        moves = torch.where(in_a, IN_A, torch.where(in_b, IN_B, OUT)) + self.code
+        moves += DUE if due is None else self.queries.per_entry(due) * DUE
+        return self._move(moves, states)
+
+    def _move(self, moves: Tensor, states: Sequence[Sequence[Tensor | None]]) -> tuple[Tensor, Tensor]:
+        """Writes the new sets that ``moves`` (per entry: old code + new set + whether due) give; see :meth:`apply`.
+
+        Each entry's move is one of 128 cases: three tables (:func:`_move_tables`) say what each case writes and
+        counts, so the whole write is three lookups whatever the sets.
+        """
+        counted, kept = (torch.index_select(table, 0, moves) for table in self._moves[:2])
+        stay, in_a = kept.unbind(1)
+        left, size = _segment_sums(counted, self.per_tensor).unbind(1)
+        self._keep(states, stay)
+        torch.index_select(self._moves[2], 0, moves, out=self.code)
         torch._foreach_copy_(self.params, self._pieces(torch.where(in_a, self.theta, 0)))
         return left, size
 
     def keep_states(self, states: Sequence[Sequence[Tensor | None]]) -> None:
         """Optimizer state zeroed outside B: per kind, each tensor's, or None."""
-        in_b = _bit(self.code, B_BIT)
+        self._keep(states, _bit(self.code, B_BIT))
+
+    def _keep(self, states: Sequence[Sequence[Tensor | None]], where: Tensor) -> None:
+        """Optimizer state zeroed where ``where`` is False: one pass for all kinds of one dtype."""
+        by_dtype: dict[torch.dtype, list[Sequence[Tensor | None]]] = {}
         for kind in states:
-            self._scatter(kind, torch.where(in_b, self._gather(kind, self.theta), 0))
+            dtype = next((s.dtype for s in kind if s is not None), self.dtype)
+            by_dtype.setdefault(dtype, []).append(kind)
+        for kinds in by_dtype.values():
+            every = [s for kind in kinds for s in kind]
+            kept = torch.where(where, self._gather(every, self.theta).view(len(kinds), -1), 0)
+            self._scatter(every, kept.view(-1))
 
     # --- the steps' decisions, from the passes ----------------------------------------------------------------------
 
@@ -166,25 +182,46 @@ class FlatGroup:
         return self.explorers() >= self._needed[fraction]
 
     def refresh(self, due: Tensor | None, states: Sequence[Sequence[Tensor | None]]) -> tuple[Tensor, Tensor]:
-        """Select A and B anew for the units ``due`` (None: all) and apply them; see :meth:`apply`."""
+        r"""Select A and B anew for the units ``due`` (None: all) and apply them; see :meth:`apply`.
+
+        The sort that finds the thresholds also gives the sets: the entries at the first ``forward_k`` positions
+        of a unit's order are A, the next ones B \ A. So no entry is compared against a threshold.
+        """
         scores = kernels.scores(self.theta)
-        found = self.select(scores)
+        order = segment_order(scores, self.queries, self.top)
         if due is None:
-            self.thresholds.copy_(found)
+            thresholds_in_order(scores, order, self.queries, out=self.thresholds)
         else:
+            found = thresholds_in_order(scores, order, self.queries)
             torch.where(torch.repeat_interleave(due, 2)[:, None], found, self.thresholds, out=self.thresholds)
-        return self.apply(scores, due, states)
+        runs = (
+            self._run_moves_due
+            if due is None
+            else torch.where(due.repeat_interleave(3), self._run_moves_due, self._run_moves)
+        )
+        moves = self.code.to(torch.int32).scatter_add_(0, order, torch.repeat_interleave(
+            runs, self._run_lengths, output_size=self.numel
+        ))  # fmt: skip
+        return self._move(moves, states)
 
     # --- helpers -------------------------------------------------------------------------------------------------
 
     def _pieces(self, flat: Tensor) -> list[Tensor]:
-        """Per tensor, its range of a flat buffer, in the parameter's shape (views)."""
-        return [piece.view(p.shape) for piece, p in zip(flat.split(self.sizes), self.params, strict=True)]
+        """Per tensor, its range of a flat buffer, in the shape of the parameter (of its local shard) (views).
+
+        A buffer of several kinds of values (``kinds × numel`` entries) gives each kind's pieces in turn.
+        """
+        kinds = flat.numel() // self.numel if self.numel else 1
+        shapes = [p.shape for p in self.params] * kinds
+        return [piece.view(shape) for piece, shape in zip(flat.split(self.sizes * kinds), shapes, strict=True)]
 
     def _gather(self, tensors: Sequence[Tensor | None], filler: Tensor) -> Tensor:
-        """One flat tensor of per-tensor ``tensors``; a missing one's range comes from the flat ``filler``."""
+        """One flat tensor of per-tensor ``tensors``; a missing one's range comes from the flat ``filler``.
+
+        Several kinds of values (optimizer states) go in one call: a tensor per tensor of the group, kind after kind.
+        """
         fill = self._pieces(filler)
-        return torch.cat([(fill[i] if t is None else t).reshape(-1) for i, t in enumerate(tensors)])
+        return torch.cat([(fill[i % len(fill)] if t is None else t).reshape(-1) for i, t in enumerate(tensors)])
 
     def _scatter(self, tensors: Sequence[Tensor | None], flat: Tensor) -> None:
         """Write ``flat``'s ranges back into ``tensors``, skipping the missing ones."""
@@ -204,22 +241,58 @@ class FlatGroup:
 
     def coefficient_table(self, coefficients: Coefficients) -> Tensor:
         r"""``[tensors, 2]`` (on A, on B \ A) in θ's dtype on the device; ``[1, 2]`` when every tensor shares them."""
+        return self._coefficient_tables(coefficients)[0]
+
+    def _coefficient_tables(self, coefficients: Coefficients) -> tuple[Tensor, Tensor | None]:
+        """:meth:`coefficient_table`, and for shared coefficients the same by set byte (``[8]``), else None."""
         on_a, on_exploring = (tuple(c) for c in coefficients)
-        table = self._tables.get((on_a, on_exploring))
-        if table is None:  # a new learning rate: a small copy that does not wait, through pinned memory
+        tables = self._tables.get((on_a, on_exploring))
+        if tables is None:  # a new learning rate: small copies that do not wait, through pinned memory
             uniform = len(set(on_a)) == 1 and len(set(on_exploring)) == 1
             rows = [(on_a[0], on_exploring[0])] if uniform else list(zip(on_a, on_exploring, strict=True))
-            table = to_device(torch.tensor(rows, dtype=self.dtype), self.device)
-            self._tables = {(on_a, on_exploring): table}  # the last one only: learning rates change
-        return table
+            by_code = [on_a[0] if code & A_BIT else on_exploring[0] for code in range(8)] if uniform else None
+            tables = (
+                to_device(torch.tensor(rows, dtype=self.dtype), self.device),
+                None if by_code is None else to_device(torch.tensor(by_code, dtype=self.dtype), self.device),
+            )
+            self._tables = {(on_a, on_exploring): tables}  # the last one only: learning rates change
+        return tables
 
     def _per_set(self, coefficients: Coefficients) -> Tensor:
         r"""Per entry, its tensor's coefficient on A or on B \ A (outside B it multiplies 0: any will do)."""
-        table = self.coefficient_table(coefficients)
-        if table.shape[0] == 1:  # the same for every tensor: no per-entry copy
-            return torch.where(_bit(self.code, A_BIT), table[0, 0], table[0, 1])
+        table, by_code = self._coefficient_tables(coefficients)
+        if by_code is not None:  # the same for every tensor: a lookup by set byte
+            return torch.index_select(by_code, 0, self.code.to(torch.int32))
         per_entry = self.per_tensor.per_entry(table)
         return torch.where(_bit(self.code, A_BIT), per_entry[:, 0], per_entry[:, 1])
+
+
+# A refresh's move of one entry, as an index into the tables of :func:`_move_tables`: its old set byte (0-7) plus
+# where the new selection puts it plus whether its unit refreshes now (else it keeps its sets).
+OUT, IN_B, IN_A, DUE = 0, 8, 16, 64
+
+
+@functools.cache
+def _move_tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    r"""What each move writes and counts, by move (128 of them).
+
+    ``counted`` ``[128, 2]``: whether the entry left A, whether it was in A (both only for the units due);
+    ``kept`` ``[128, 2]``: whether its optimizer state survives (in B before and after), whether it is in the new A;
+    and its new set byte ``[128]``: the old one where the unit is not due.
+    """
+    counted, kept, code = [], [], []
+    for move in range(2 * DUE):
+        old, new, due = move % IN_B, move % DUE // IN_B, move >= DUE
+        was_a, was_b, ever = bool(old & A_BIT), bool(old & B_BIT), old & EVER_BIT
+        in_a, in_b = (new * IN_B == IN_A, new * IN_B in (IN_A, IN_B)) if due else (was_a, was_b)
+        counted.append((due and was_a and not in_a, due and was_a))
+        kept.append((was_b and in_b, in_a))
+        code.append((A_BIT | B_BIT | EVER_BIT) if in_a else (ever | B_BIT if in_b else ever) if due else old)
+    return (
+        torch.tensor(counted, device=device),
+        torch.tensor(kept, device=device),
+        torch.tensor(code, dtype=torch.uint8, device=device),
+    )
 
 
 def _bit(code: Tensor, bit: int) -> Tensor:
@@ -231,8 +304,14 @@ def _bit(code: Tensor, bit: int) -> Tensor:
 def _segment_sums(flags: Tensor, queries: Queries) -> Tensor:
     """Per segment, the number of true ``flags`` (per column, if 2-D): a cumulative sum read at the segments' ends."""
     padded = F.pad(torch.cumsum(flags, 0), (0, 0) * (flags.dim() - 1) + (1, 0))  # a 0 before the first entry
-    ends = queries.cached("segment_ends", lambda: queries.tensors["segment_starts"] + queries.tensors["sizes"])
-    return padded[ends] - padded[queries.tensors["segment_starts"]]
+    bounds = queries.cached(
+        "segment_bounds",
+        lambda: torch.stack(
+            [queries.tensors["segment_starts"] + queries.tensors["sizes"], queries.tensors["segment_starts"]]
+        ),
+    )
+    ends, starts = padded[bounds].unbind(0)
+    return ends - starts
 
 
 def to_device(values: Tensor, device: torch.device) -> Tensor:

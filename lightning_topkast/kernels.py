@@ -93,6 +93,10 @@ class Refreshed(NamedTuple):
     size: int  # the size of the new A
 
 
+PrepareJob = tuple[Tensor, Tensor, Tensor, Tensor, float, float]  # prepare's arguments: theta, code, param, grad, lams
+FinishJob = tuple[Tensor, Tensor, Tensor, float, float, Threshold, Threshold, int]  # finish's: theta ... offset
+
+
 class Kernels(Protocol):
     """The passes over one flat masked tensor. ``offset`` is its first entry's index in a global pool."""
 
@@ -118,6 +122,12 @@ class Kernels(Protocol):
         On B, θ is ``param`` less dec·param (the decoupled penalty, dec = ``dec_a`` on A, ``dec_e`` on B \ A; both 0
         turns it off). The counts are against the current ``forward`` and ``backward`` thresholds.
         """
+
+    def prepare_many(self, jobs: Sequence[PrepareJob]) -> None:
+        """:meth:`prepare` of several tensors, in one call where the backend can."""
+
+    def finish_many(self, jobs: Sequence[FinishJob]) -> list[FinishCounts]:
+        """:meth:`finish` of several tensors, in one call where the backend can; the counts of each."""
 
     def count_at_least(self, theta: Tensor, rungs: Sequence[int]) -> list[int]:
         """For each of up to :data:`RUNGS` scores, the number of entries scoring at least that."""
@@ -281,6 +291,15 @@ class TorchKernels:
         self.merge(theta, code, param, dec_a, dec_e)
         return FinishCounts(*(int(n) for n in self.finish_counts(theta, code, forward, backward, offset)))
 
+    def prepare_many(self, jobs: Sequence[PrepareJob]) -> None:
+        """See :meth:`Kernels.prepare_many`."""
+        for job in jobs:
+            self.prepare(*job)
+
+    def finish_many(self, jobs: Sequence[FinishJob]) -> list[FinishCounts]:
+        """See :meth:`Kernels.finish_many`."""
+        return [self.finish(*job) for job in jobs]
+
     def finish_counts(
         self, theta: Tensor, code: Tensor, forward: Threshold, backward: Threshold, offset: int
     ) -> Tensor:
@@ -378,6 +397,9 @@ class CKernels:
             f"topkast_finish_{suffix}",
             [_c_int64, *[_ptr] * 3, scalar, scalar, _c_int32, *[_c_int64] * 4, _ptr],
         )
+        self._prepare_many = _function(library, f"topkast_prepare_many_{suffix}", [_c_int32, _ptr, _ptr])
+        self._finish_many = _function(library, f"topkast_finish_many_{suffix}", [_c_int32, _ptr, _ptr, _ptr])
+        self._scalar = scalar
         self._count = _function(library, f"topkast_count_at_least_{suffix}", [_c_int64, _ptr, _ptr, _ptr])
         self._apply = _function(
             library, f"topkast_apply_{suffix}", [_c_int64, *[_ptr] * 3, *[_c_int64] * 4, *[_ptr] * 3, _c_int32, _ptr]
@@ -393,6 +415,7 @@ class CKernels:
             ctypes.c_int32,
         )
         self._out = (ctypes.c_int64 * RUNGS)()  # counts come back here: a ctypes array reads back cheaper than a tensor
+        self._top = infinity_score(dtype)
 
     def prepare(self, theta: Tensor, code: Tensor, param: Tensor, grad: Tensor, lam_a: float, lam_e: float) -> None:
         """See :meth:`Kernels.prepare`."""
@@ -416,6 +439,29 @@ class CKernels:
         fa, fb = _local(forward, offset, n), _local(backward, offset, n)
         self._finish(n, _p(theta), _p(code), _p(param), dec_a, dec_e, decoupled, *fa, *fb, self._out)
         return FinishCounts(*self._out[:5])
+
+    def prepare_many(self, jobs: Sequence[PrepareJob]) -> None:
+        """See :meth:`Kernels.prepare_many`: one C call for all of them, its arguments in two arrays."""
+        rows = [
+            x
+            for theta, code, param, grad, lam_a, lam_e in jobs
+            for x in (theta.numel(), theta.data_ptr(), code.data_ptr(), param.data_ptr(), grad.data_ptr(),
+                      int(bool(lam_a or lam_e)))
+        ]  # fmt: skip
+        lams = [lam for job in jobs for lam in job[4:]]
+        self._prepare_many(len(jobs), (_c_int64 * len(rows))(*rows), (self._scalar * len(lams))(*lams))
+
+    def finish_many(self, jobs: Sequence[FinishJob]) -> list[FinishCounts]:
+        """See :meth:`Kernels.finish_many`: one C call for all of them, its arguments in two arrays."""
+        rows = []
+        for theta, code, param, dec_a, dec_e, forward, backward, offset in jobs:
+            n = theta.numel()
+            rows += (n, theta.data_ptr(), code.data_ptr(), param.data_ptr(), int(bool(dec_a or dec_e)))
+            rows += (*_local(forward, offset, n), *_local(backward, offset, n))
+        decs = [dec for job in jobs for dec in job[3:5]]
+        out = (_c_int64 * (5 * len(jobs)))()
+        self._finish_many(len(jobs), (_c_int64 * len(rows))(*rows), (self._scalar * len(decs))(*decs), out)
+        return [FinishCounts(*out[5 * t : 5 * t + 5]) for t in range(len(jobs))]
 
     def count_at_least(self, theta: Tensor, rungs: Sequence[int]) -> list[int]:
         """See :meth:`Kernels.count_at_least`."""
@@ -460,10 +506,9 @@ class CKernels:
         thresholds = (ctypes.c_int64 * 4)(*previous[0], *previous[1])
         gaps = (ctypes.c_double * 2)(*(g or 0.0 for g in spacing))
         pointers = [_p(s) for s in fused] + [None] * (3 - len(fused))
-        top = infinity_score(theta.dtype)
         done = self._refresh(
             theta.numel(), _p(theta), _p(code), _p(param), thresholds, (ctypes.c_int64 * 2)(*ks),
-            (ctypes.c_int64 * 2)(*at_previous), gaps, top, PICK_CAP, *pointers, len(fused), self._out,
+            (ctypes.c_int64 * 2)(*at_previous), gaps, self._top, PICK_CAP, *pointers, len(fused), self._out,
         )  # fmt: skip
         if done < 0:
             raise MemoryError("Top-KAST's refresh kernel could not allocate its buffers")

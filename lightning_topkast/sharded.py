@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lightning_topkast import kernels
 from lightning_topkast.batched import Queries
 from lightning_topkast.device import FlatGroup
 
@@ -281,17 +282,23 @@ class ShardedGroup(FlatGroup):
             *_rank(self.group),
         )
 
-    def select(self, scores: Tensor) -> Tensor:
-        """The whole units' thresholds, from every rank's histograms."""
-        return select_distributed(scores, self.shard, lambda t: all_reduce(t, self.group))
-
     def explorers(self) -> Tensor:
         """Summed over the ranks: every rank decides the early refresh on the same counts."""
         return all_reduce(super().explorers(), self.group)
 
     def refresh(self, due: Tensor | None, states: Sequence[Sequence[Tensor | None]]) -> tuple[Tensor, Tensor]:
-        """The flat group's refresh; the turnover summed over the ranks."""
-        left, size = super().refresh(due, states)
+        """The whole units' thresholds from every rank's histograms, then the flat group's apply against them.
+
+        (The flat group reads its sets from a sort's order; a rank's order knows nothing of the other shards.)
+        Returns the turnover summed over the ranks.
+        """
+        scores = kernels.scores(self.theta)
+        found = select_distributed(scores, self.shard, lambda t: all_reduce(t, self.group))
+        if due is None:
+            self.thresholds.copy_(found)
+        else:
+            torch.where(torch.repeat_interleave(due, 2)[:, None], found, self.thresholds, out=self.thresholds)
+        left, size = self.apply(scores, due, states)
         return all_reduce(torch.stack([left, size]), self.group).unbind(0)
 
 

@@ -384,6 +384,7 @@ class TopKAST:
             if any(g is not None for g in grads):
                 batch.prepare(grads, self._coefficients(batch, [penalty] * len(grads)) if penalty else None)
                 self._pending.update(t.name for t in batch.tensors)
+        jobs: dict[kernels.Kernels, list[kernels.PrepareJob]] = {}  # one call per kind of kernels
         for tensor in group:
             grad = tensor.param.grad
             if grad is None or tensor.name in self._in_flat:
@@ -392,8 +393,11 @@ class TopKAST:
             # keep element-wise optimizers from creating state there. The penalty's gradient λ·c·θ is taken
             # through the parameter, so a weight outside B that a bf16 step made NaN adds no NaN.
             lam_a, lam_e = penalty, penalty / tensor.forward_density if penalty else 0.0
-            tensor.kernels_for(tensor.param, grad).prepare(tensor.theta, tensor.code, tensor.param, grad, lam_a, lam_e)
+            work = tensor.kernels_for(tensor.param, grad)
+            jobs.setdefault(work, []).append((tensor.theta, tensor.code, tensor.param, grad, lam_a, lam_e))
             self._pending.add(tensor.name)
+        for work, batch in jobs.items():
+            work.prepare_many(batch)
 
     def _enter_step(self, index: int) -> None:
         self._depth[index] += 1
@@ -522,6 +526,7 @@ class TopKAST:
         decoupled = self.decoupled_penalty and self.penalty
         rates = {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]} if decoupled else {}
         totals: dict[_Unit, Any] = {}
+        jobs: dict[kernels.Kernels, tuple[list[MaskedTensor], list[kernels.FinishJob]]] = {}
         for tensor in pending:
             unit = tensor.unit
             dec_a = -rates[id(tensor.param)] * self.penalty if decoupled else 0.0
@@ -534,11 +539,19 @@ class TopKAST:
                 found = torch_kernels.finish_counts(
                     tensor.theta, tensor.code, unit.forward, unit.backward, tensor.offset
                 )
-            else:
-                found = tensor.kernels_for(tensor.param).finish(
-                    tensor.theta, tensor.code, tensor.param, dec_a, dec_e, unit.forward, unit.backward, tensor.offset
+                totals[unit] = _add(totals.get(unit), found)
+            else:  # one call per kind of kernels
+                work = tensor.kernels_for(tensor.param)
+                if work not in jobs:
+                    jobs[work] = ([], [])
+                tensors, batch = jobs[work]
+                tensors.append(tensor)
+                batch.append(
+                    (tensor.theta, tensor.code, tensor.param, dec_a, dec_e, unit.forward, unit.backward, tensor.offset)
                 )
-            totals[unit] = _add(totals.get(unit), found)
+        for work, (tensors, batch) in jobs.items():
+            for tensor, found in zip(tensors, work.finish_many(batch), strict=True):
+                totals[tensor.unit] = _add(totals.get(tensor.unit), found)
         self._pending.difference_update(t.name for t in pending)
         for unit in totals:  # members of a pool that another optimizer steps were not finished here: as they stand
             for tensor in unit.tensors if len(unit.tensors) > 1 else ():

@@ -96,6 +96,37 @@ def test_c_kernels_equal_torch_kernels_bit_for_bit(case: dict) -> None:
         assert bit_exact(a, b), i
 
 
+@settings(max_examples=15, deadline=None)
+@given(first=cases(), second=cases(), third=cases())
+def test_one_call_for_several_tensors_equals_a_call_per_tensor(first: dict, second: dict, third: dict) -> None:
+    """prepare_many and finish_many (one C call a step for every tensor of a dtype) against prepare and finish."""
+    batch = [c for c in (first, second, third) if c["theta"].dtype == first["theta"].dtype]
+    work = kernels.for_tensor(first["theta"])
+    assert isinstance(work, CKernels)
+
+    def step(kind: kernels.Kernels, together: bool) -> list:
+        copies = [{k: c[k].clone() for k in ("theta", "code", "param", "grad")} for c in batch]
+        prepare = [
+            (t["theta"], t["code"], t["param"], t["grad"], *c["penalty"]) for t, c in zip(copies, batch, strict=True)
+        ]
+        finish = [
+            (t["theta"], t["code"], t["param"], *c["decoupled"], c["forward"], c["backward"], c["offset"])
+            for t, c in zip(copies, batch, strict=True)
+        ]
+        if together:
+            kind.prepare_many(prepare)
+            counts = kind.finish_many(finish)
+        else:
+            for job in prepare:
+                kind.prepare(*job)
+            counts = [kind.finish(*job) for job in finish]
+        return [counts, [[t[k] for k in ("theta", "param", "grad")] for t in copies]]
+
+    expected = step(work, together=False)
+    for kind, together in ((work, True), (TorchKernels(), True), (TorchKernels(), False)):
+        assert bit_exact(step(kind, together), expected), (type(kind).__name__, together)
+
+
 @PROPERTY
 @given(case=cases())
 def test_each_pass_does_what_it_says(case: dict) -> None:
