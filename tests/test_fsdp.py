@@ -23,6 +23,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_topkast import TopKASTCallback, selection, sharded
@@ -92,6 +93,22 @@ def _whole(engine: Any) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+class _Operations(TorchDispatchMode):
+    """Records the name of every torch operation run inside it."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = names
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# operations that read a device value back to the host (a GPU stall) or size their output by the data
+SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item", "is_nonzero", "equal")
+
+
 class Recorder(L.Callback):
     """After every optimizer step: the whole θ, sets and parameters, the engine's counters and its all-reduces."""
 
@@ -106,6 +123,19 @@ class Recorder(L.Callback):
             return summing(values, group)
 
         sharded.all_reduce = counted  # the engine's one way to sum over shards
+        self.operations: list[str] = []  # of the engine's step since the last record
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        engine = self.topkast.engine
+        assert engine is not None
+        for name in ("before_step", "_after_step"):
+            original = getattr(engine, name)
+
+            def watched(*args: Any, original: Any = original) -> Any:
+                with _Operations(self.operations):
+                    return original(*args)
+
+            setattr(engine, name, watched)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -113,8 +143,11 @@ class Recorder(L.Callback):
         engine = self.topkast.engine
         assert engine is not None
         reduced, self.reduced = self.reduced, []
+        operations, self.operations[:] = list(self.operations), []
         self.records.append(
             {
+                "operations": len(operations),
+                "syncs": [op for op in operations if any(name in op for name in SYNCING)],
                 "all_reduces": reduced,
                 "step": trainer.global_step,
                 "refreshes": engine.refreshes,
@@ -288,6 +321,8 @@ def test_sets_equal_the_whole_tensors_selection_after_every_step(tmp_path: Path)
         "net.4.weight": [3, 2],
         "net.6.weight": [1, 0],
     }
+    # the engine's step (the callback's before_step and the optimizer's post-hook) reads nothing back on either rank
+    assert all(r["syncs"] == [] and r["operations"] > 100 for records in ranks for r in records)
     for zero, one in zip(*ranks, strict=True):
         for name in MASKED:
             for key in ("theta", "code", "param"):
@@ -359,6 +394,7 @@ def test_the_early_refresh_fires_on_the_same_steps_on_every_rank(tmp_path: Path)
     assert [r["refreshes"] for r in zero] == [r["refreshes"] for r in one]
     assert [r["early_refreshes"] for r in zero] == [r["early_refreshes"] for r in one]
     assert zero[-1]["early_refreshes"] > 0  # early_refresh=0.0: one explorer above A's threshold is enough
+    assert all(r["syncs"] == [] for r in zero + one)  # the early test's counts are summed, read a step late
     changed = 0
     for before, after in itertools.pairwise(zero):
         for name, t in after["tensors"].items():  # a tensor whose sets moved was refreshed: exactly, as a whole
