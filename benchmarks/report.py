@@ -58,6 +58,17 @@ def source(*names: str) -> str:
     return "Source: " + "; ".join(parts) + "."
 
 
+def tune_source(task: str) -> str:
+    """The line under a tuning table: ``tune.json`` with the commit and date of each invocation that tuned ``task``
+    (``tasks``, written by :func:`accuracy.merge_tune`; a file from before it has one provenance for all)."""
+    record = load("tune.json")
+    found = record.get("tasks", {}).get(task, [record["provenance"]])
+    described = [
+        f"commit `{p['commit'][:7]}`{', uncommitted changes' if p['dirty'] else ''}, {p['date'][:10]}" for p in found
+    ]
+    return f"Source: [`tune.json`](../benchmarks/results/tune.json) ({'; '.join(described)})."
+
+
 def runs_of(name: str, task: str | None = None) -> list[dict[str, Any]]:
     return [r for r in load(name)["runs"] if task is None or r["task"] == task]
 
@@ -80,10 +91,11 @@ def headline_accuracy() -> str:
         "| training FLOPs |",
         "|---|---|---|---|---|",
     ]
+    missing = "not run in this grid | –"
     for method, sparsity in rows:
         lines.append(
-            f"| {accuracy.label(method, sparsity)} | {cells['images'][(method, sparsity)]} | "
-            f"{cells['text'][(method, sparsity)]} |"
+            f"| {accuracy.label(method, sparsity)} | {cells['images'].get((method, sparsity), missing)} | "
+            f"{cells['text'].get((method, sparsity), missing)} |"
         )
     return "\n".join(lines) + "\n\n" + source("accuracy_images.json", "accuracy_text.json")
 
@@ -139,8 +151,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "intervals-text": lambda: (
         intervals.table("text", runs_of("intervals_text.json")) + "\n\n" + source("intervals_text.json")
     ),
-    "tune-images": lambda: accuracy.tune_table("images", runs_of("tune.json")) + "\n\n" + source("tune.json"),
-    "tune-text": lambda: accuracy.tune_table("text", runs_of("tune.json")) + "\n\n" + source("tune.json"),
+    "tune-images": lambda: accuracy.tune_table("images", runs_of("tune.json")) + "\n\n" + tune_source("images"),
+    "tune-text": lambda: accuracy.tune_table("text", runs_of("tune.json")) + "\n\n" + tune_source("text"),
     "accuracy-images": lambda: (
         accuracy.grid_table("images", runs_of("accuracy_images.json")) + "\n\n" + source("accuracy_images.json")
     ),
