@@ -139,18 +139,25 @@ def rigl_delta(steps: int) -> int:
     return max(2, round(common.SCHEDULE_END * steps / RIGL_UPDATES))  # rigl-torch needs more than 1
 
 
+def selected(method: str, sparsity: float | None, methods: list[str] | None) -> bool:
+    """Whether ``--methods`` keeps ``method`` (at ``sparsity``): a name keeps all its sparsities, ``name:0.9`` one."""
+    if methods is None:
+        return True
+    return method in methods or (sparsity is not None and f"{method}:{sparsity:g}" in methods)
+
+
 def plan_grid(
     tasks: list[str], seeds: list[int], lrs: dict[str, dict[str, float]], methods: list[str] | None = None
 ) -> list[Run]:
-    """The main grid: every method (of ``methods``, default all) at each of its sparsities and seeds, at its tuned
-    learning rate."""
+    """The main grid: every method at each of its sparsities and seeds (those of ``methods``, default all), at its
+    tuned learning rate."""
     return [
         Run(task, method, sparsity, seed, lrs[task][method])
         for task in tasks
         for seed in seeds
         for method, sparsities in GRID.items()
-        if methods is None or method in methods
         for sparsity in sparsities
+        if selected(method, sparsity, methods)
     ]
 
 
@@ -167,7 +174,7 @@ def plan_tune(tasks: list[str], methods: list[str] | None = None) -> list[Run]:
         Run(task, method, 0.0 if method == "dense" else TUNE_SPARSITY, 0, lr, split="val", budget=TUNE_BUDGET)
         for task in tasks
         for method in GRID
-        if methods is None or method in methods
+        if methods is None or any(m.split(":")[0] == method for m in methods)
         for lr in tune_lrs(task, method)
     ]
 
@@ -697,10 +704,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="tables and plots from the saved JSON, no training")
     parser.add_argument("--workers", type=int, default=2, help="parallel runs (processes)")
     parser.add_argument(
-        "--methods", nargs="+", choices=list(GRID), default=None, help="only these methods (default: all of GRID)"
+        "--methods",
+        nargs="+",
+        default=None,
+        help="only these methods (default: all of GRID); METHOD:SPARSITY (rigl:0.9) keeps one sparsity of the grid",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = parser.parse_args(argv)
+    known = {*GRID, *(f"{m}:{s:g}" for m, ss in GRID.items() for s in ss)}
+    if args.methods is not None and set(args.methods) - known:
+        parser.error(f"--methods {' '.join(sorted(set(args.methods) - known))}: use some of {', '.join(sorted(known))}")
     tasks = ["images", "text"] if args.task == "all" else [args.task]
     out = args.out or (Path("/tmp/topkast_accuracy_quick") if args.quick else RESULTS)
     if args.report:
@@ -729,7 +742,7 @@ def main(argv: list[str] | None = None) -> None:
         mine = [r for r in results if r["task"] == task]
         record = {"wall_seconds": wall, "config": asdict(TASKS[task]), "quick": args.quick, "runs": mine}
         if args.methods is not None:  # part of the configuration: seeds join only a grid of the same methods
-            record["methods"] = [m for m in GRID if m in args.methods]
+            record["methods"] = sorted(args.methods)
         common.write_json(
             out / f"accuracy_{task}.json", with_other_seeds(out / f"accuracy_{task}.json", record), started
         )
