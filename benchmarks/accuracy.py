@@ -637,6 +637,9 @@ def report(tasks: list[str], out: Path, plots: bool = True) -> None:
             plot_grid(task, saved["runs"], out / f"accuracy_{task}.png")
             plot_curves(task, saved["runs"], out / f"curves_{task}.png")
     if plots and grid_runs:
+        # the figure has a panel per task: draw it from every task's saved grid, not only the ones run now
+        saved = [out / f"accuracy_{task}.json" for task in TASKS if task not in tasks]
+        grid_runs += [r for path in saved if path.exists() for r in json.loads(path.read_text())["runs"]]
         plot_dynamics(grid_runs, out / "dynamics.png")
 
 
