@@ -666,18 +666,23 @@ def with_other_seeds(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "runs": sorted(kept + record["runs"], key=lambda r: r["seed"]), "earlier": earlier}
 
 
-def merge_tune(path: Path, results: list[dict[str, Any]], started: dict[str, Any]) -> dict[str, Any]:
-    """``tune.json`` with ``results`` merged in: a run of the same task, method and learning rate is replaced, every
-    other run (another task's, another rate's) kept; each task keeps the provenance of the invocations that made its
-    runs (``tasks``), so tuning one task never drops or relabels another's."""
+def merge_tune(
+    path: Path, results: list[dict[str, Any]], started: dict[str, Any], widen: bool = False
+) -> dict[str, Any]:
+    """``tune.json`` with ``results`` in it. Another task's runs and provenance are kept as they are, so tuning one
+    task never drops or relabels another's. A tuning replaces every earlier run of its task (they may come from
+    another setup); with ``widen`` (``--lrs``: rates added to a tuning after a method chose its grid's edge) a run of
+    the same task, method and rate is replaced and the task's other runs are kept. Each task keeps the provenance of
+    the invocations that made its runs (``tasks``)."""
     saved = json.loads(path.read_text()) if path.exists() else {"runs": []}
     key = lambda r: (r["task"], r["method"], r["lr"])  # noqa: E731
-    new = {key(r) for r in results}
-    runs = [r for r in saved["runs"] if key(r) not in new] + results
+    new, tuned = {key(r) for r in results}, {r["task"] for r in results}
+    kept = [r for r in saved["runs"] if key(r) not in new and (widen or r["task"] not in tuned)]
+    runs = kept + results
     # a file from before per-task provenance: its one provenance is every task's
     tasks = saved.get("tasks") or {t: [saved["provenance"]] for t in {r["task"] for r in saved["runs"]}}
-    for task in {r["task"] for r in results}:
-        survivors = any(r["task"] == task and key(r) not in new for r in saved["runs"])
+    for task in tuned:
+        survivors = any(r["task"] == task for r in kept)
         tasks[task] = [*(tasks.get(task, []) if survivors else []), started]
     tasks = {t: ps for t, ps in tasks.items() if any(r["task"] == t for r in runs)}
     ordered = sorted(runs, key=lambda r: (r["task"], list(GRID).index(r["method"]), r["lr"]))
@@ -730,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if args.tune:
         results = execute(plan_tune(tasks, args.methods, args.lrs), args)
-        merged = merge_tune(out / "tune.json", results, started)
+        merged = merge_tune(out / "tune.json", results, started, widen=args.lrs is not None)
         common.write_json(out / "tune.json", {"wall_seconds": time.perf_counter() - start, **merged}, started)
         for task in tasks:
             print(f"\n**{task}**\n\n" + tune_table(task, merged["runs"]))

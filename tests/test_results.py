@@ -89,8 +89,14 @@ def test_tuning_one_task_keeps_the_other_tasks_runs_and_provenance(tmp_path: Pat
     images = [run("images", "dense", 0.1, 0.9), run("images", "dense", 0.3, 0.1)]
     old_text = [run("text", "dense", 3e-3, 2.2), run("text", "dense", 1e-2, 2.3)]
     path.write_text(json.dumps({"chosen": {}, "runs": images + old_text, "provenance": "first"}))
-    # the text task tuned again over a wider grid: its runs at those rates replaced, images untouched
-    merged = accuracy.merge_tune(path, [run("text", "dense", 1e-2, 2.1), run("text", "dense", 2e-2, 2.4)], "second")
+    # a fresh tuning of the text task: every earlier text run goes (another setup's), images untouched
+    fresh = accuracy.merge_tune(path, [run("text", "dense", 1e-2, 2.1)], "fresh")
+    assert [r for r in fresh["runs"] if r["task"] == "images"] == images
+    assert [r for r in fresh["runs"] if r["task"] == "text"] == [run("text", "dense", 1e-2, 2.1)]
+    assert fresh["tasks"] == {"images": ["first"], "text": ["fresh"]}
+    # the grid widened (--lrs): runs at those rates replaced, the task's other runs kept
+    second = [run("text", "dense", 1e-2, 2.1), run("text", "dense", 2e-2, 2.4)]
+    merged = accuracy.merge_tune(path, second, "second", widen=True)
     assert [r for r in merged["runs"] if r["task"] == "images"] == images
     text = {r["lr"]: r["metric"] for r in merged["runs"] if r["task"] == "text"}
     assert text == {3e-3: 2.2, 1e-2: 2.1, 2e-2: 2.4}
@@ -99,6 +105,6 @@ def test_tuning_one_task_keeps_the_other_tasks_runs_and_provenance(tmp_path: Pat
     assert merged["tasks"] == {"images": ["first"], "text": ["first", "second"]}
     path.write_text(json.dumps({**merged, "provenance": "second"}))
     # every text rate rerun: only the new invocation is text's provenance
-    again = accuracy.merge_tune(path, [run("text", "dense", lr, 2.0) for lr in (3e-3, 1e-2, 2e-2)], "third")
+    again = accuracy.merge_tune(path, [run("text", "dense", lr, 2.0) for lr in (3e-3, 1e-2, 2e-2)], "third", widen=True)
     assert again["tasks"] == {"images": ["first"], "text": ["third"]}
     assert "| dense | 2.000 | 2.000 | 2.000 |" in accuracy.tune_table("text", again["runs"]).replace("**", "")
