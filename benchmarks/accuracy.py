@@ -442,6 +442,13 @@ def over_seeds(n: int) -> str:
     return f"mean ± std over {n} seeds" if n > 1 else "1 seed"
 
 
+def fewer_seeds(runs: list[dict[str, Any]], seeds: int) -> str:
+    """A note for a row with fewer seeds than the table's header says (a grid rerun in part), else nothing."""
+    if len(runs) >= seeds:
+        return ""
+    return f" [seed {', '.join(str(r['seed']) for r in runs)} only]"
+
+
 def label(method: str, sparsity: float) -> str:
     if method == "dense":
         return "dense"
@@ -455,7 +462,7 @@ def grid_table(task: str, results: list[dict[str, Any]]) -> str:
     found, d = groups(results), digits(task)
     dense_metric = mean_std([scaled(task, r["metric"]) for r in found[("dense", 0.0)]])
     dense_seconds = statistics.median(r["train_seconds"] for r in found[("dense", 0.0)])
-    seeds = len(found[("dense", 0.0)])
+    seeds = max(len(runs) for runs in found.values())
     lines = [
         f"| method | {metric_name(task)}, {over_seeds(seeds)} (to dense) | training FLOPs / dense "
         "| wall time / dense (median s) | learning rate |",
@@ -472,7 +479,7 @@ def grid_table(task: str, results: list[dict[str, Any]]) -> str:
             seconds = statistics.median(r["train_seconds"] for r in runs)
             flops = statistics.fmean(r["flops_fraction"] for r in runs)
             lines.append(
-                f"| {label(method, sparsity)} | {spread(values, d)}{gap} | {flops:.3f} | "
+                f"| {label(method, sparsity)} | {spread(values, d)}{gap}{fewer_seeds(runs, seeds)} | {flops:.3f} | "
                 f"{seconds / dense_seconds:.2f} ({seconds:.0f}) | {runs[0]['lr']:g} |"
             )
     return "\n".join(lines)
@@ -692,7 +699,13 @@ def merge_tune(
 def _configuration(record: dict[str, Any]) -> Any:
     # as JSON holds it: a fresh record's tuples are the saved one's lists
     return json.loads(
-        json.dumps({k: v for k, v in record.items() if k not in ("runs", "wall_seconds", "provenance", "earlier")})
+        json.dumps(
+            {
+                k: v
+                for k, v in record.items()
+                if k not in ("runs", "wall_seconds", "provenance", "earlier", "methods")  # methods: see main
+            }
+        )
     )
 
 
@@ -752,9 +765,8 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - start
     for task in tasks:
         mine = [r for r in results if r["task"] == task]
+        # the runs say which methods ran: a later seed of fewer methods joins the saved grid (with_other_seeds)
         record = {"wall_seconds": wall, "config": asdict(TASKS[task]), "quick": args.quick, "runs": mine}
-        if args.methods is not None:  # part of the configuration: seeds join only a grid of the same methods
-            record["methods"] = sorted(args.methods)
         common.write_json(
             out / f"accuracy_{task}.json", with_other_seeds(out / f"accuracy_{task}.json", record), started
         )

@@ -80,11 +80,12 @@ def headline_accuracy() -> str:
         found, d = accuracy.groups(runs_of(f"accuracy_{task}.json")), accuracy.digits(task)
         dense = accuracy.mean_std([accuracy.scaled(task, r["metric"]) for r in found[("dense", 0.0)]])[0]
         cells[task] = {}
+        seeds = max(len(runs) for runs in found.values())
         for key, runs in found.items():
             values = [accuracy.scaled(task, r["metric"]) for r in runs]
             gap = "" if key[0] == "dense" else f" ({statistics.fmean(values) - dense:+.{d}f})"
             flops = statistics.fmean(r["flops_fraction"] for r in runs)
-            cells[task][key] = f"{accuracy.spread(values, d)}{gap} | {flops:.2f}"
+            cells[task][key] = f"{accuracy.spread(values, d)}{gap}{accuracy.fewer_seeds(runs, seeds)} | {flops:.2f}"
     rows = [("dense", 0.0), *((m, s) for m in list(accuracy.GRID)[1:] for s in accuracy.GRID[m] if s in (0.8, 0.9))]
     lines = [
         "| method | Fashion-MNIST test accuracy % (to dense) | training FLOPs | KJV test bits/char (to dense) "
