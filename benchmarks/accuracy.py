@@ -653,24 +653,45 @@ def report(tasks: list[str], out: Path, plots: bool = True) -> None:
         plot_dynamics(grid_runs, out / "dynamics.png")
 
 
+def run_key(run: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes a grid run one configuration on one seed: method, sparsity, seed."""
+    return run["method"], run.get("sparsity"), run["seed"]
+
+
 def with_other_seeds(path: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` plus the runs of ``path`` on seeds it does not hold, so seeds can be added one run at a time.
+    """``record`` plus the runs of ``path`` it does not hold (another seed, or another method on the same seed), so
+    seeds and methods can be added one invocation at a time.
 
     Only runs of the same configuration join (every key of the record but its runs, wall time and provenance);
-    each earlier run's seeds, provenance and wall time are kept under ``earlier``.
+    each earlier invocation's seeds, provenance and wall time are kept under ``earlier``, with the runs it made
+    (``runs``: method, sparsity, seed) where it made only some of the runs of its seeds.
     """
     if not path.exists():
         return record
     saved = json.loads(path.read_text())
-    seeds = {r["seed"] for r in record["runs"]}
-    kept = [r for r in saved["runs"] if r["seed"] not in seeds]
+    new = {run_key(r) for r in record["runs"]}
+    kept = [r for r in saved["runs"] if run_key(r) not in new]
     if not kept or _configuration(saved) != _configuration(record):
         return record
-    earlier = [e for e in saved.get("earlier", []) if set(e["seeds"]) - seeds]
-    own = {"seeds": sorted({r["seed"] for r in kept} - {s for e in earlier for s in e["seeds"]})}
-    if own["seeds"]:
-        earlier.append({**own, "wall_seconds": saved["wall_seconds"], "provenance": saved["provenance"]})
-    return {**record, "runs": sorted(kept + record["runs"], key=lambda r: r["seed"]), "earlier": earlier}
+
+    def made(entry: dict[str, Any]) -> set[tuple[Any, ...]]:
+        if "runs" in entry:
+            return {tuple(k) for k in entry["runs"]}
+        return {run_key(r) for r in saved["runs"] if r["seed"] in entry["seeds"]}
+
+    entries = [(e, made(e) - new) for e in saved.get("earlier", [])]
+    entries = [(e, keys) for e, keys in entries if keys]
+    own = {run_key(r) for r in kept} - {k for _, keys in entries for k in keys}
+    if own:
+        entries.append(({"wall_seconds": saved["wall_seconds"], "provenance": saved["provenance"]}, own))
+    runs = sorted(kept + record["runs"], key=lambda r: r["seed"])
+    earlier = []
+    for entry, keys in entries:
+        seeds = sorted({k[2] for k in keys})
+        partial = keys != {run_key(r) for r in runs if r["seed"] in seeds}
+        described = {"seeds": seeds, "wall_seconds": entry["wall_seconds"], "provenance": entry["provenance"]}
+        earlier.append({**described, "runs": sorted(map(list, keys))} if partial else described)
+    return {**record, "runs": runs, "earlier": earlier}
 
 
 def merge_tune(

@@ -46,13 +46,21 @@ def source(*names: str) -> str:
     for name in names:
         record = load(name)
         earlier = record.get("earlier", [])  # seeds run before, merged in (accuracy.with_other_seeds)
-        runs = [(e["seeds"], e["provenance"]) for e in earlier]
-        latest = {r["seed"] for r in record["runs"]} - {s for seeds, _ in runs for s in seeds} if earlier else set()
-        runs.append((sorted(latest), record["provenance"]))  # no seeds named when one run made the whole file
+        every = {accuracy.run_key(r) for r in record["runs"]} if earlier else set()
+        made = [
+            ({tuple(k) for k in e["runs"]} if "runs" in e else {k for k in every if k[2] in e["seeds"]}, e)
+            for e in earlier
+        ]
+        latest = every - {k for keys, _ in made for k in keys} if earlier else set()
+        runs = [(keys, e["provenance"]) for keys, e in made] + [(latest, record["provenance"])]
         described = []
-        for seeds, p in runs:
+        for keys, p in runs:  # no seeds named when one invocation made the whole file
             dirty = ", uncommitted changes" if p["dirty"] else ""
-            which = f"seed {', '.join(map(str, seeds))}: " if seeds else ""
+            seeds = sorted({k[2] for k in keys})
+            which = f"seed {', '.join(map(str, seeds))}" if seeds else ""
+            if keys and keys != {k for k in every if k[2] in seeds}:  # some of the runs of its seeds
+                which += " (" + ", ".join(accuracy.label(m, s) for m, s in sorted({k[:2] for k in keys})) + ")"
+            which += ": " if which else ""
             described.append(f"{which}commit `{p['commit'][:7]}`{dirty}, {p['date'][:10]}")
         parts.append(f"[`{name}`](../benchmarks/results/{name}) ({'; '.join(described)})")
     return "Source: " + "; ".join(parts) + "."

@@ -108,3 +108,27 @@ def test_tuning_one_task_keeps_the_other_tasks_runs_and_provenance(tmp_path: Pat
     again = accuracy.merge_tune(path, [run("text", "dense", lr, 2.0) for lr in (3e-3, 1e-2, 2e-2)], "third", widen=True)
     assert again["tasks"] == {"images": ["first"], "text": ["third"]}
     assert "| dense | 2.000 | 2.000 | 2.000 |" in accuracy.tune_table("text", again["runs"]).replace("**", "")
+
+
+def test_another_method_on_a_saved_seed_joins_without_dropping_it(tmp_path: Path) -> None:
+    import accuracy
+
+    def record(keys: list[tuple[str, int]], commit: str) -> dict:
+        runs = [{"seed": s, "method": m, "sparsity": 0.9, "metric": 1.0} for m, s in keys]
+        return {"wall_seconds": 1.0, "config": {"steps": 10}, "quick": False, "runs": runs, "provenance": commit}
+
+    path = tmp_path / "accuracy_text.json"
+    path.write_text(json.dumps(record([("dense", 0), ("static", 0)], "first")))
+    second = accuracy.with_other_seeds(path, record([("static", 1)], "second"))  # seed 1 of one method
+    path.write_text(json.dumps(second))
+    third = accuracy.with_other_seeds(path, record([("dense", 1)], "third"))  # seed 1 of the other: both kept
+    assert sorted(accuracy.run_key(r) for r in third["runs"]) == [
+        ("dense", 0.9, 0),
+        ("dense", 0.9, 1),
+        ("static", 0.9, 0),
+        ("static", 0.9, 1),
+    ]
+    assert third["earlier"] == [
+        {"seeds": [0], "wall_seconds": 1.0, "provenance": "first"},
+        {"seeds": [1], "wall_seconds": 1.0, "provenance": "second", "runs": [["static", 0.9, 1]]},
+    ]
