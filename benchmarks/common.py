@@ -434,7 +434,7 @@ def method_callbacks(
     backward_sparsity: float | None = None,
     update_interval: int = 1,
     early_refresh: float | None = None,
-    exploration_penalty: float = 1e-4,
+    exploration_penalty: float | None = None,
     rigl_delta: int = 100,
 ) -> list[Callback]:
     """The callbacks that make a ``Trainer`` train with method ``name`` at forward ``sparsity``.
@@ -448,7 +448,7 @@ def method_callbacks(
             90/80, 95/90), else ``sparsity`` (B = A).
         update_interval: Top-KAST's most optimizer steps between refreshes.
         early_refresh: Top-KAST's early-refresh fraction (None: refresh at the interval only).
-        exploration_penalty: Top-KAST's λ.
+        exploration_penalty: Top-KAST's λ (None: the callback's optimizer-aware default).
         rigl_delta: RigL's steps between mask updates.
     """
     if name == "dense":
@@ -472,6 +472,22 @@ def method_callbacks(
     if name == "rigl":
         return [RigL(sparsity, total_steps, delta=rigl_delta)]
     raise ValueError(f"method_callbacks(name={name!r}): unknown method; use one of {', '.join(METHODS)}")
+
+
+class ClipGradients(Callback):
+    """Gradient clipping by global norm before the optimizer step, after the sparse methods have masked the gradient.
+
+    Lightning refuses ``gradient_clip_val`` with a fused optimizer under mixed precision (it cannot know that
+    bf16 needs no unscaling), so the study clips here: listed after the method's callbacks, this runs where
+    Lightning's own clipping would, after their ``on_before_optimizer_step``.
+    """
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        torch.nn.utils.clip_grad_norm_(pl_module.parameters(), self.max_norm)
 
 
 def masked_density(pl_module: nn.Module) -> float:

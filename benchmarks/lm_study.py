@@ -102,6 +102,7 @@ CONFIGS: dict[str, Config] = {
     "tk90-dec3e-2-all-masked": _tk(penalty=3e-2, decoupled=True, layers="all-masked"),
     "tk90-dec3e-2-i100": _tk(penalty=3e-2, decoupled=True, update_interval=100),
     "tk90-dec3e-2-lr2e-2-i100": _tk(2e-2, penalty=3e-2, decoupled=True, update_interval=100),
+    "tk90-dec3e-2-lr2e-2-i100-e5": _tk(2e-2, penalty=3e-2, decoupled=True, update_interval=100, early_refresh=0.05),
     "tk80-dec3e-2-lr2e-2": _tk(2e-2, sparsity=0.8, penalty=3e-2, decoupled=True),
     "tk90-dec1e-2-lr2e-2": _tk(2e-2, penalty=1e-2, decoupled=True),
     "tk90-dec1e-1-lr2e-2": _tk(2e-2, penalty=1e-1, decoupled=True),
@@ -182,22 +183,6 @@ def callbacks_for(config: Config) -> list[L.Callback]:
             verbose=False,
         )
     ]
-
-
-class ClipGradients(L.Callback):
-    """Gradient clipping by global norm before the optimizer step, after the sparse methods have masked the gradient.
-
-    Lightning refuses ``gradient_clip_val`` with a fused optimizer under mixed precision (it cannot know that
-    bf16 needs no unscaling), so the study clips here: listed after the method's callbacks, this runs where
-    Lightning's own clipping would, after their ``on_before_optimizer_step``.
-    """
-
-    def __init__(self, max_norm: float) -> None:
-        self.max_norm = max_norm
-
-    @override
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        torch.nn.utils.clip_grad_norm_(pl_module.parameters(), self.max_norm)
 
 
 # --- churn diagnostics (hypotheses 1 and 2) ---------------------------------------------------------------------
@@ -298,7 +283,7 @@ def train(name: str, seed: int, steps: int, diagnose: int, data_dir: str | None)
     callbacks = callbacks_for(config)
     topkast = callbacks[0] if config.method == "topkast" else None
     curve = accuracy.Curve(max(steps // 5, 1), accuracy._evaluation(run, splits, "val", task.curve_windows))
-    extra: list[L.Callback] = [ClipGradients(task.gradient_clip_val), curve]
+    extra: list[L.Callback] = [common.ClipGradients(task.gradient_clip_val), curve]
     churn = Churn(topkast, diagnose) if topkast is not None and diagnose else None
     if churn is not None:
         extra.append(churn)
@@ -369,7 +354,7 @@ def describe(c: dict[str, Any]) -> str:
         else:
             what += "no penalty"
         if c["update_interval"] != 1 or c["early_refresh"] != 0.01:
-            early = "early" if c["early_refresh"] is not None else "no early"
+            early = f"early {c['early_refresh']:g}" if c["early_refresh"] is not None else "no early"
             what += f", interval {c['update_interval']} ({early})"
     return what + ("" if c["layers"] == "emb-dense" else f", {c['layers']}")
 

@@ -47,16 +47,35 @@ def source(*names: str) -> str:
     for name in names:
         record = load(name)
         earlier = record.get("earlier", [])  # seeds run before, merged in (accuracy.with_other_seeds)
-        runs = [(e["seeds"], e["provenance"]) for e in earlier]
-        latest = {r["seed"] for r in record["runs"]} - {s for seeds, _ in runs for s in seeds} if earlier else set()
-        runs.append((sorted(latest), record["provenance"]))  # no seeds named when one run made the whole file
+        every = {accuracy.run_key(r) for r in record["runs"]} if earlier else set()
+        made = [
+            ({tuple(k) for k in e["runs"]} if "runs" in e else {k for k in every if k[2] in e["seeds"]}, e)
+            for e in earlier
+        ]
+        latest = every - {k for keys, _ in made for k in keys} if earlier else set()
+        runs = [(keys, e["provenance"]) for keys, e in made] + [(latest, record["provenance"])]
         described = []
-        for seeds, p in runs:
+        for keys, p in runs:  # no seeds named when one invocation made the whole file
             dirty = ", uncommitted changes" if p["dirty"] else ""
-            which = f"seed {', '.join(map(str, seeds))}: " if seeds else ""
+            seeds = sorted({k[2] for k in keys})
+            which = f"seed {', '.join(map(str, seeds))}" if seeds else ""
+            if keys and keys != {k for k in every if k[2] in seeds}:  # some of the runs of its seeds
+                which += " (" + ", ".join(accuracy.label(m, s) for m, s in sorted({k[:2] for k in keys})) + ")"
+            which += ": " if which else ""
             described.append(f"{which}commit `{p['commit'][:7]}`{dirty}, {p['date'][:10]}")
         parts.append(f"[`{name}`](../benchmarks/results/{name}) ({'; '.join(described)})")
     return "Source: " + "; ".join(parts) + "."
+
+
+def tune_source(task: str) -> str:
+    """The line under a tuning table: ``tune.json`` with the commit and date of each invocation that tuned ``task``
+    (``tasks``, written by :func:`accuracy.merge_tune`; a file from before it has one provenance for all)."""
+    record = load("tune.json")
+    found = record.get("tasks", {}).get(task, [record["provenance"]])
+    described = [
+        f"commit `{p['commit'][:7]}`{', uncommitted changes' if p['dirty'] else ''}, {p['date'][:10]}" for p in found
+    ]
+    return f"Source: [`tune.json`](../benchmarks/results/tune.json) ({'; '.join(described)})."
 
 
 def runs_of(name: str, task: str | None = None) -> list[dict[str, Any]]:
@@ -70,21 +89,23 @@ def headline_accuracy() -> str:
         found, d = accuracy.groups(runs_of(f"accuracy_{task}.json")), accuracy.digits(task)
         dense = accuracy.mean_std([accuracy.scaled(task, r["metric"]) for r in found[("dense", 0.0)]])[0]
         cells[task] = {}
+        seeds = max(len(runs) for runs in found.values())
         for key, runs in found.items():
             values = [accuracy.scaled(task, r["metric"]) for r in runs]
             gap = "" if key[0] == "dense" else f" ({statistics.fmean(values) - dense:+.{d}f})"
             flops = statistics.fmean(r["flops_fraction"] for r in runs)
-            cells[task][key] = f"{accuracy.spread(values, d)}{gap} | {flops:.2f}"
+            cells[task][key] = f"{accuracy.spread(values, d)}{gap}{accuracy.fewer_seeds(runs, seeds)} | {flops:.2f}"
     rows = [("dense", 0.0), *((m, s) for m in list(accuracy.GRID)[1:] for s in accuracy.GRID[m] if s in (0.8, 0.9))]
     lines = [
         "| method | Fashion-MNIST test accuracy % (to dense) | training FLOPs | KJV test bits/char (to dense) "
         "| training FLOPs |",
         "|---|---|---|---|---|",
     ]
+    missing = "not run in this grid | –"
     for method, sparsity in rows:
         lines.append(
-            f"| {accuracy.label(method, sparsity)} | {cells['images'][(method, sparsity)]} | "
-            f"{cells['text'][(method, sparsity)]} |"
+            f"| {accuracy.label(method, sparsity)} | {cells['images'].get((method, sparsity), missing)} | "
+            f"{cells['text'].get((method, sparsity), missing)} |"
         )
     return "\n".join(lines) + "\n\n" + source("accuracy_images.json", "accuracy_text.json")
 
@@ -140,8 +161,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "intervals-text": lambda: (
         intervals.table("text", runs_of("intervals_text.json")) + "\n\n" + source("intervals_text.json")
     ),
-    "tune-images": lambda: accuracy.tune_table("images", runs_of("tune.json")) + "\n\n" + source("tune.json"),
-    "tune-text": lambda: accuracy.tune_table("text", runs_of("tune.json")) + "\n\n" + source("tune.json"),
+    "tune-images": lambda: accuracy.tune_table("images", runs_of("tune.json")) + "\n\n" + tune_source("images"),
+    "tune-text": lambda: accuracy.tune_table("text", runs_of("tune.json")) + "\n\n" + tune_source("text"),
     "accuracy-images": lambda: (
         accuracy.grid_table("images", runs_of("accuracy_images.json")) + "\n\n" + source("accuracy_images.json")
     ),

@@ -77,3 +77,58 @@ def test_seeds_run_later_join_the_saved_ones_with_their_own_provenance(tmp_path:
     assert [e["seeds"] for e in again["earlier"]] == [[0], [2]]
     other = {**record([1], "fourth"), "config": {"steps": 20}}  # another budget: nothing joins
     assert accuracy.with_other_seeds(path, other)["runs"] == other["runs"]
+
+
+def test_tuning_one_task_keeps_the_other_tasks_runs_and_provenance(tmp_path: Path) -> None:
+    import accuracy
+
+    def run(task: str, method: str, lr: float, metric: float) -> dict:
+        return {"task": task, "method": method, "lr": lr, "metric": metric}
+
+    path = tmp_path / "tune.json"
+    images = [run("images", "dense", 0.1, 0.9), run("images", "dense", 0.3, 0.1)]
+    old_text = [run("text", "dense", 3e-3, 2.2), run("text", "dense", 1e-2, 2.3)]
+    path.write_text(json.dumps({"chosen": {}, "runs": images + old_text, "provenance": "first"}))
+    # a fresh tuning of the text task: every earlier text run goes (another setup's), images untouched
+    fresh = accuracy.merge_tune(path, [run("text", "dense", 1e-2, 2.1)], "fresh")
+    assert [r for r in fresh["runs"] if r["task"] == "images"] == images
+    assert [r for r in fresh["runs"] if r["task"] == "text"] == [run("text", "dense", 1e-2, 2.1)]
+    assert fresh["tasks"] == {"images": ["first"], "text": ["fresh"]}
+    # the grid widened (--lrs): runs at those rates replaced, the task's other runs kept
+    second = [run("text", "dense", 1e-2, 2.1), run("text", "dense", 2e-2, 2.4)]
+    merged = accuracy.merge_tune(path, second, "second", widen=True)
+    assert [r for r in merged["runs"] if r["task"] == "images"] == images
+    text = {r["lr"]: r["metric"] for r in merged["runs"] if r["task"] == "text"}
+    assert text == {3e-3: 2.2, 1e-2: 2.1, 2e-2: 2.4}
+    assert merged["chosen"] == {"images": {"dense": 0.1}, "text": {"dense": 1e-2}}
+    # images keep the provenance of the file they came from; text names both invocations (3e-3 is from the first)
+    assert merged["tasks"] == {"images": ["first"], "text": ["first", "second"]}
+    path.write_text(json.dumps({**merged, "provenance": "second"}))
+    # every text rate rerun: only the new invocation is text's provenance
+    again = accuracy.merge_tune(path, [run("text", "dense", lr, 2.0) for lr in (3e-3, 1e-2, 2e-2)], "third", widen=True)
+    assert again["tasks"] == {"images": ["first"], "text": ["third"]}
+    assert "| dense | 2.000 | 2.000 | 2.000 |" in accuracy.tune_table("text", again["runs"]).replace("**", "")
+
+
+def test_another_method_on_a_saved_seed_joins_without_dropping_it(tmp_path: Path) -> None:
+    import accuracy
+
+    def record(keys: list[tuple[str, int]], commit: str) -> dict:
+        runs = [{"seed": s, "method": m, "sparsity": 0.9, "metric": 1.0} for m, s in keys]
+        return {"wall_seconds": 1.0, "config": {"steps": 10}, "quick": False, "runs": runs, "provenance": commit}
+
+    path = tmp_path / "accuracy_text.json"
+    path.write_text(json.dumps(record([("dense", 0), ("static", 0)], "first")))
+    second = accuracy.with_other_seeds(path, record([("static", 1)], "second"))  # seed 1 of one method
+    path.write_text(json.dumps(second))
+    third = accuracy.with_other_seeds(path, record([("dense", 1)], "third"))  # seed 1 of the other: both kept
+    assert sorted(accuracy.run_key(r) for r in third["runs"]) == [
+        ("dense", 0.9, 0),
+        ("dense", 0.9, 1),
+        ("static", 0.9, 0),
+        ("static", 0.9, 1),
+    ]
+    assert third["earlier"] == [
+        {"seeds": [0], "wall_seconds": 1.0, "provenance": "first"},
+        {"seeds": [1], "wall_seconds": 1.0, "provenance": "second", "runs": [["static", 0.9, 1]]},
+    ]
