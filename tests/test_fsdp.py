@@ -395,6 +395,13 @@ def test_the_early_refresh_fires_on_the_same_steps_on_every_rank(tmp_path: Path)
     assert [r["early_refreshes"] for r in zero] == [r["early_refreshes"] for r in one]
     assert zero[-1]["early_refreshes"] > 0  # early_refresh=0.0: one explorer above A's threshold is enough
     assert all(r["syncs"] == [] for r in zero + one)  # the early test's counts are summed, read a step late
+    # each step sums the early test's one count per tensor; a refresh adds its 6 all-reduces
+    tensors, queries = len(MASKED), 2 * len(MASKED)
+    refresh = [(queries * 2048, "torch.int64")] * 3 + [(2 * (queries + tensors), "torch.int64")]
+    refresh += [(queries, "torch.int64"), (2 * tensors, "torch.int64")]
+    for before, after in itertools.pairwise(zero):
+        refreshed = refresh if after["refreshes"] > before["refreshes"] else []
+        assert after["all_reduces"] == [(5 * tensors, "torch.float64"), (tensors, "torch.int64"), *refreshed]
     changed = 0
     for before, after in itertools.pairwise(zero):
         for name, t in after["tensors"].items():  # a tensor whose sets moved was refreshed: exactly, as a whole
