@@ -212,10 +212,10 @@ class Placement:
         return DTensor.from_local(local_tensor, self.mesh, self.placements, shape=self.shape, stride=stride)
 
     def shard_of(self, whole: Tensor) -> Tensor:
-        """This rank's entries of ``whole``, a tensor of the whole shape (a consolidated checkpoint's)."""
-        local_rows = _local_shape(self)[0] if self.shape else 1
-        rows = self.offset // max(_stride(self.shape)[0], 1) if self.shape else 0
-        return whole.reshape(self.shape)[rows : rows + local_rows] if self.shape else whole
+        """This rank's rows of ``whole``, a tensor of the whole shape (a consolidated checkpoint's)."""
+        rows = _local_shape_and_offset(self.shape, self.mesh, self.placements)[0][0]
+        first = self.offset // max(_stride(self.shape)[0], 1)
+        return whole.reshape(self.shape)[first : first + rows]
 
 
 def placement_of(name: str, param: Tensor) -> Placement | None:
@@ -307,17 +307,13 @@ def _rank(group: Any) -> tuple[int, int]:
 
 
 def _stride(shape: torch.Size) -> tuple[int, ...]:
-    return torch.empty(0).new_empty(shape, device="meta").stride() if shape else ()
+    return torch.empty(shape, device="meta").stride()
 
 
 def _local_shape_and_offset(shape: torch.Size, mesh: Any, placements: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     return compute_local_shape_and_global_offset(shape, mesh, placements)
-
-
-def _local_shape(placement: Placement) -> tuple[int, ...]:
-    return _local_shape_and_offset(placement.shape, placement.mesh, placement.placements)[0]
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
@@ -357,17 +353,15 @@ def load_saved_apart(state: dict[str, Any], tensors: dict[str, Any], path: Any, 
 
     ``tensors``: the engine's, which say each entry's shape and shard. A collective: every rank loads.
     """
-    wanted: dict[str, Tensor] = {}
+    wanted: dict[tuple[str, str], Tensor] = {}  # (tensor, "theta" or "code"): where to load it
     for name, saved in state.get("tensors", {}).items():
         tensor = tensors.get(name)
         for key in ("theta", "code"):
             if saved.get(key) != SAVED_APART or tensor is None:
                 continue  # a tensor not masked now: the engine reports the difference
             held = getattr(tensor, key)
-            if tensor.placement is not None:
-                wanted[_entry(state_key, name, key)] = tensor.placement.wrap(torch.empty_like(held))
-            else:
-                wanted[_entry(state_key, name, key)] = held.new_empty(tensor.shape)
+            place = tensor.placement
+            wanted[name, key] = place.wrap(torch.empty_like(held)) if place else held.new_empty(tensor.shape)
     if not wanted:
         return state
     if path is None:
@@ -377,12 +371,10 @@ def load_saved_apart(state: dict[str, Any], tensors: dict[str, Any], path: Any, 
         )
     import torch.distributed.checkpoint as dcp
 
-    dcp.load({"state_dict": wanted}, checkpoint_id=path)
+    dcp.load({"state_dict": {_entry(state_key, *where): t for where, t in wanted.items()}}, checkpoint_id=path)
     loaded = {**state, "tensors": {name: dict(saved) for name, saved in state["tensors"].items()}}
-    for name, saved in loaded["tensors"].items():
-        for key in ("theta", "code"):
-            if _entry(state_key, name, key) in wanted:
-                saved[key] = wanted[_entry(state_key, name, key)]
+    for (name, key), value in wanted.items():
+        loaded["tensors"][name][key] = value
     return loaded
 
 

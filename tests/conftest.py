@@ -13,6 +13,8 @@ if not (os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi")):
 import json
 import re
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from decimal import ROUND_HALF_UP, Decimal
@@ -341,3 +343,32 @@ def optimizer_steps() -> Iterator[list[object]]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     L.seed_everything(0, verbose=False)
+
+
+# --- test files run as scripts in fresh interpreters (multi-process runs) ------------------------------------------
+
+DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TESTS = Path(__file__).resolve().parent
+
+
+def script_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test file run as a script: this process's distributed variables dropped (Lightning's
+    launcher sets its own), the checkout and ``tests/`` importable, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV} | dict(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS.parent), str(TESTS), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_script(
+    script: Path, out: Path, *args: str, env: Mapping[str, str] | None = None, timeout: int = 240
+) -> subprocess.CompletedProcess[str]:
+    """``python SCRIPT OUT ARGS...`` in ``out``, with :func:`script_env`; Lightning starts any other rank."""
+    return subprocess.run(
+        [sys.executable, str(script), str(out), *args],
+        cwd=out,
+        env=script_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -27,7 +27,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import MLP_SET_SIZES, make_trainer, saved_sets
+from conftest import MLP_SET_SIZES, make_trainer, saved_sets, script_env
 from crash_worker import CHECKPOINT_EVERY, STEPS, StepMLP, dummy_loader, run
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -35,7 +35,6 @@ from lightning_topkast import TopKASTCallback
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "crash_worker.py"
-DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TIMEOUT_S = 120
 
 
@@ -71,10 +70,10 @@ def forward_weights(saved: Mapping[str, Any]) -> torch.Tensor:
 
 def _spawn(out: Path, *args: str) -> subprocess.Popen[bytes]:
     out.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     with (out / "log.txt").open("wb") as log:
-        return subprocess.Popen([sys.executable, str(WORKER), str(out), *args], stdout=log, stderr=log, env=env)
+        return subprocess.Popen(
+            [sys.executable, str(WORKER), str(out), *args], stdout=log, stderr=log, env=script_env()
+        )
 
 
 def _log(out: Path) -> str:

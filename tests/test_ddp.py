@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import engine_of
+from conftest import engine_of, run_script
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_topkast import TopKASTCallback
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 
 FORWARD_SPARSITY, BACKWARD_SPARSITY = 0.7, 0.4
 # MLP(features=8, hidden=16, classes=3) with the first layer dense masks a 16x16 and a 3x16 weight:
@@ -42,7 +38,6 @@ STEPS_PER_EPOCH = 5  # ceil(ceil(75 / 2) / 8) batches on each rank
 EQ_SAMPLES, EQ_GLOBAL_BATCH, EQ_EPOCHS = 72, 16, 2
 EQ_BATCH_SIZES = [8, 8, 8, 8, 4]  # per rank, each epoch
 EQ_STEPS = EQ_EPOCHS * len(EQ_BATCH_SIZES)
-DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -235,17 +230,7 @@ def main(out: Path, mode: str) -> None:
 
 def _run_ranks(out: Path, mode: str) -> None:
     """Runs this file as a script in ``mode`` (``masks`` or ``equivalence``); Lightning starts the second rank."""
-    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(out), mode],
-        cwd=out,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    proc = run_script(Path(__file__).resolve(), out, mode, timeout=180)
     assert proc.returncode == 0, f"DDP run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from conftest import run_script
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,9 +29,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_topkast import TopKASTCallback, selection, sharded
 from lightning_topkast.kernels import A_BIT, B_BIT
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 FORWARD_SPARSITY, BACKWARD_SPARSITY = 0.7, 0.4
 # rows 13, 5 and 1 over 2 ranks: uneven shards (7 + 6, 3 + 2) and an empty one (1 + 0)
 MASKED = {"net.2.weight": (13, 16), "net.4.weight": (5, 13), "net.6.weight": (1, 5)}
@@ -275,17 +272,7 @@ def main(out: Path, mode: str) -> None:
 
 def _run(out: Path, mode: str, env: dict[str, str] | None = None, expect_failure: bool = False) -> str:
     """Runs this file as a script in ``mode``; Lightning starts the second rank. Returns the output."""
-    environment = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV} | (env or {})
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(HERE), environment.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(out), mode],
-        cwd=out,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    proc = run_script(Path(__file__).resolve(), out, mode, env=env)
     output = proc.stdout + proc.stderr
     if expect_failure:
         assert proc.returncode != 0, f"{mode} ran, expected a refusal:\n{output[-3000:]}"
