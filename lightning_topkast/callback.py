@@ -179,7 +179,7 @@ class TopKASTCallback(Callback):
         for hint in validation.slow_optimizers(trainer.optimizers, [t.param for t in engine.tensors.values()]):
             rank_zero_warn(hint, category=PossibleUserWarning)
         self._log_hyperparameters(trainer, pl_module)
-        self._tracer = self._forward_tracer(trainer, pl_module, plan)
+        self._tracer = self._forward_tracer(trainer, pl_module)
         if self.verbose:
             rank_zero_info(self.summary_table())
 
@@ -376,7 +376,7 @@ class TopKASTCallback(Callback):
         engine.refresh_listeners.append(self._turnover.update)
         return engine
 
-    def _forward_tracer(self, trainer: Trainer, pl_module: LightningModule, plan: Plan) -> targets.ForwardOrder | None:
+    def _forward_tracer(self, trainer: Trainer, pl_module: LightningModule) -> targets.ForwardOrder | None:
         """A recorder of the first forward pass, when first and last are still to be found in it."""
         switches = self.dense_first_layer or self.dense_last_layer
         if self.forward_order is not None or self.include is not None or not switches:
