@@ -100,6 +100,8 @@ CONFIGS: dict[str, Config] = {
     "tk90-dec3e-2-lr4e-2": _tk(4e-2, penalty=3e-2, decoupled=True),
     "tk90-dec3e-2-head-dense": _tk(penalty=3e-2, decoupled=True, layers="head-dense"),
     "tk90-dec3e-2-all-masked": _tk(penalty=3e-2, decoupled=True, layers="all-masked"),
+    "tk90-dec3e-2-lr2e-2-head-dense": _tk(2e-2, penalty=3e-2, decoupled=True, layers="head-dense"),
+    "tk90-dec3e-2-lr2e-2-all-masked": _tk(2e-2, penalty=3e-2, decoupled=True, layers="all-masked"),
     "tk90-dec3e-2-i100": _tk(penalty=3e-2, decoupled=True, update_interval=100),
     "tk90-dec3e-2-lr2e-2-i100": _tk(2e-2, penalty=3e-2, decoupled=True, update_interval=100),
     "tk90-dec3e-2-lr2e-2-i100-e5": _tk(2e-2, penalty=3e-2, decoupled=True, update_interval=100, early_refresh=0.05),
