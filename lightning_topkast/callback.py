@@ -140,17 +140,24 @@ class TopKASTCallback(Callback):
         self._noted: set[str] = set()
         self.forward_order: list[str] | None = None  # candidates in the order the forward pass first used them
         self._tracer: targets.ForwardOrder | None = None
+        self._state_key: tuple[tuple[Any, ...], str] | None = None
 
     @property
     @override
     def state_key(self) -> str:
-        # the targets identify an instance: several callbacks with disjoint targets keep their own state
-        return self._generate_state_key(
-            include=self.include,
-            exclude=self.exclude,
-            dense_first_layer=self.dense_first_layer,
-            dense_last_layer=self.dense_last_layer,
-        )
+        # the targets identify an instance: several callbacks with disjoint targets keep their own state. Lightning
+        # reads the key at every hook call (its profiler's action names): built once per value of the targets
+        copy = lambda patterns: None if patterns is None else tuple(patterns)  # noqa: E731  (a list edited in place)
+        targets_now = (copy(self.include), copy(self.exclude), self.dense_first_layer, self.dense_last_layer)
+        if self._state_key is None or self._state_key[0] != targets_now:
+            key = self._generate_state_key(
+                include=self.include,
+                exclude=self.exclude,
+                dense_first_layer=self.dense_first_layer,
+                dense_last_layer=self.dense_last_layer,
+            )
+            self._state_key = (targets_now, key)
+        return self._state_key[1]
 
     # --- hooks --------------------------------------------------------------------------------------------------
 
