@@ -193,3 +193,20 @@ def test_weights_read_outside_a_forward_do_not_count(tmp_path: Path) -> None:
     callback = TopKASTCallback()
     make_trainer(tmp_path, [callback, ReadsWeights()], max_steps=1).fit(HeadFirstLM(), tokens())
     assert callback.forward_order == ["wte.weight", "block.0.weight", "block.2.weight", "lm_head.weight"]
+
+
+@pytest.mark.parametrize(
+    "trainer_args",
+    [
+        {"accumulate_grad_batches": 2},  # the masks move after the first batch's backward, outside optimizer.step()
+        {"precision": "bf16-mixed"},  # autocast copies the weights: the parameters are seen before the copies
+    ],
+)
+def test_the_masks_move_under_accumulation_and_autocast(tmp_path: Path, trainer_args: dict[str, Any]) -> None:
+    callback = TopKASTCallback(verbose=False)
+    make_trainer(tmp_path, [callback], max_steps=3, **trainer_args).fit(HeadFirstLM(), tokens(n=128))
+    engine = engine_of(callback)
+    assert list(engine.tensors) == ["lm_head.weight", "block.0.weight", "block.2.weight"]
+    assert engine.steps == [3]
+    assert engine.skipped_steps == 0
+    assert_alpha(engine)
