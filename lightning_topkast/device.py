@@ -30,7 +30,8 @@ from lightning_topkast.batched import Queries, segment_order, thresholds_in_orde
 from lightning_topkast.kernels import A_BIT, B_BIT, EVER_BIT
 
 if TYPE_CHECKING:
-    from lightning_topkast.state import MaskedTensor, _Unit
+    from lightning_topkast.masked import MaskedTensor, Unit
+    from lightning_topkast.schedule import Schedule
 
 Coefficients = tuple[Sequence[float], Sequence[float]]  # per tensor: on A, on B \ A
 
@@ -42,7 +43,7 @@ class FlatGroup:
     units their thresholds into its table (``[2 · units, 2]``: A's and B's (score, split) of each unit in turn).
     """
 
-    def __init__(self, units: Sequence[_Unit]) -> None:
+    def __init__(self, units: Sequence[Unit]) -> None:
         self.units = list(units)
         self.tensors: list[MaskedTensor] = [t for unit in self.units for t in unit.tensors]
         self.params: list[Tensor] = [t.local_param for t in self.tensors]  # a DTensor's local shard
@@ -68,7 +69,7 @@ class FlatGroup:
         starts = self.queries.tensors["segment_starts"]
         first = torch.tensor([unit.tensors[0].offset for unit in self.units], dtype=torch.int64, device=self.device)
         self._split_offsets = torch.stack([torch.zeros_like(starts), starts - first], dim=1)[:, None, :]  # [units,1,2]
-        self._needed: dict[float, Tensor] = {}
+        self._needed: dict[float | None, Tensor] = {}
         self._tables: dict[tuple[tuple[float, ...], tuple[float, ...]], tuple[Tensor, Tensor | None]] = {}
         # each unit's order in three runs: its first forward_k entries go to A, the next ones to B \ A, the rest out
         runs = [(unit.forward_k, unit.backward_k - unit.forward_k, unit.size - unit.backward_k) for unit in self.units]
@@ -171,13 +172,11 @@ class FlatGroup:
 
     # --- the steps' decisions, from the passes ----------------------------------------------------------------------
 
-    def early_flags(self, fraction: float) -> Tensor:
-        r"""Per unit, whether the early refresh is due.
-
-        It is when the members of B \ A at or above A's threshold number at least ``fraction`` of |A| (and one).
-        """
+    def early_flags(self, schedule: Schedule) -> Tensor:
+        r"""Per unit, whether ``schedule``'s early refresh test calls for a refresh, from :meth:`explorers`."""
+        fraction = schedule.early_refresh
         if fraction not in self._needed:
-            needed = [max(1.0, fraction * unit.forward_k) for unit in self.units]
+            needed = [schedule.needed(unit.forward_k) for unit in self.units]
             self._needed[fraction] = torch.tensor(needed, dtype=torch.float64, device=self.device)
         return self.explorers() >= self._needed[fraction]
 

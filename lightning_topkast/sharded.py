@@ -41,7 +41,7 @@ from lightning_topkast.batched import Queries
 from lightning_topkast.device import FlatGroup
 
 if TYPE_CHECKING:
-    from lightning_topkast.state import _Unit
+    from lightning_topkast.masked import Unit
 
 DIGIT_BITS = 11
 BINS = 1 << DIGIT_BITS
@@ -271,7 +271,7 @@ class ShardedGroup(FlatGroup):
     same step) and the turnover.
     """
 
-    def __init__(self, units: Sequence[_Unit]) -> None:
+    def __init__(self, units: Sequence[Unit]) -> None:
         super().__init__(units)
         placements = [unit.tensors[0].placement for unit in self.units]
         self.group = placements[0].group

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -44,7 +43,9 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_topkast import kernels, selection, sharded, triton_kernels
 from lightning_topkast.device import FlatGroup, to_device
-from lightning_topkast.kernels import A_BIT, B_BIT, EVER_BIT, FinishCounts, Threshold
+from lightning_topkast.kernels import A_BIT, B_BIT, FinishCounts, Threshold
+from lightning_topkast.masked import MaskedTensor, Unit, make_unit
+from lightning_topkast.schedule import HostCopy, Schedule, to_host
 
 STATE_VERSION = 2
 
@@ -54,108 +55,6 @@ RefreshListener = Callable[[dict[str, tuple[Any, Any]]], None]
 # creates state from nothing), so their state outside B needs zeroing only when B changes. Any other optimizer is
 # zeroed after every step. Exact types: a subclass may change the update.
 _STATE_STAYS_ZERO: tuple[type[Optimizer], ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
-
-
-@dataclass(eq=False)
-class MaskedTensor:
-    """One masked parameter: its dense values θ and one byte per weight for A, B and "ever in A".
-
-    Of a sharded parameter (a ``DTensor``), θ and the set bytes cover this rank's shard only.
-    """
-
-    name: str
-    param: nn.Parameter
-    forward_density: float
-    backward_density: float
-    in_global_pool: bool
-    kernels: kernels.Kernels
-    theta: Tensor = field(init=False)
-    code: Tensor = field(init=False)
-    forward_size: Any = field(init=False, default=0)  # |A| now: an int, or a 0-dim tensor without host syncs
-    unit: _Unit = field(init=False, repr=False)  # the tensors selected together with this one
-    offset: int = field(init=False, default=0)  # index of this tensor's first entry in its unit
-    placement: sharded.Placement | None = field(init=False, default=None)  # where a shard lies in the whole tensor
-
-    def __post_init__(self) -> None:
-        self.placement = sharded.placement_of(self.name, self.param)
-        self.theta = self.local_param.detach().clone(memory_format=torch.contiguous_format)
-        self.code = torch.zeros_like(self.theta, dtype=torch.uint8)
-
-    @property
-    def local_param(self) -> Tensor:
-        """The parameter's values this rank holds: the parameter, or a ``DTensor``'s local shard (same storage)."""
-        return sharded.local(self.param)
-
-    @property
-    def numel(self) -> int:
-        """Number of weights held here (of a sharded parameter: in this rank's shard)."""
-        return self.theta.numel()
-
-    @property
-    def total(self) -> int:
-        """Number of weights in the whole tensor, over every shard."""
-        return self.numel if self.placement is None else self.placement.numel
-
-    @property
-    def shape(self) -> list[int]:
-        """The whole tensor's shape."""
-        return list(self.theta.shape if self.placement is None else self.placement.shape)
-
-    @property
-    def forward_set(self) -> Tensor:
-        """A as a bool tensor of the parameter's shape (a new tensor: compute it once per use)."""
-        return self._bit(A_BIT)
-
-    @property
-    def backward_set(self) -> Tensor:
-        """B as a bool tensor of the parameter's shape."""
-        return self._bit(B_BIT)
-
-    @property
-    def ever_active(self) -> Tensor:
-        """The weights that have ever been in A, as a bool tensor of the parameter's shape."""
-        return self._bit(EVER_BIT)
-
-    def _bit(self, bit: int) -> Tensor:
-        return (self.code & bit) != 0
-
-    @torch.no_grad()
-    def write_forward_weights(self) -> None:
-        """Make the parameter hold α: θ on A, exactly 0 elsewhere."""
-        self.local_param.copy_(torch.where(self.forward_set, self.theta, 0))
-
-    def kernels_for(self, *tensors: Tensor) -> kernels.Kernels:
-        """This tensor's kernels, or torch's when a tensor they would touch is laid out otherwise."""
-        if all(t.is_contiguous() for t in tensors):
-            return self.kernels
-        return kernels.TorchKernels()
-
-
-@dataclass(eq=False)
-class _Unit:
-    """Tensors whose sets are selected together: one tensor, or all of the global pool."""
-
-    tensors: list[MaskedTensor]
-    forward_k: int  # |A| and |B| over the unit
-    backward_k: int
-    forward: Any = None  # thresholds of the last refresh: Threshold, or two 0-dim tensors without host syncs
-    backward: Any = None
-    since_refresh: int = 0
-    spacing: tuple[float | None, float | None] = (None, None)  # score units per entry near A's and B's thresholds
-    # without host syncs: the early-refresh test of the last step, read one late
-    early_flag: _HostCopy | _HostEntry | None = None
-    size: int = field(init=False)
-    mantissa: int = field(init=False)  # of θ's dtype: a score step of 2 ** mantissa doubles |θ|
-    top: int = field(init=False)  # the score of inf
-
-    def __post_init__(self) -> None:
-        self.size = 0
-        for tensor in self.tensors:  # ties across a pool go to the earlier tensor: global indices in this order
-            # a shard's entries start where it lies in the whole tensor (a sharded tensor is a unit of its own)
-            tensor.unit, tensor.offset = self, self.size if tensor.placement is None else tensor.placement.offset
-            self.size += tensor.numel
-        dtype = self.tensors[0].theta.dtype
-        self.mantissa, self.top = kernels.mantissa_bits(dtype), kernels.infinity_score(dtype)
 
 
 class TopKAST:
@@ -217,12 +116,11 @@ class TopKAST:
         pool = [t for t in self.tensors.values() if t.in_global_pool]
         if len({t.forward_density for t in pool}) > 1:
             raise ValueError("tensors in the global pool must share one forward density")
-        self.units = [_unit([t]) for t in self.tensors.values() if not t.in_global_pool]
-        self.units += [_unit(pool)] if pool else []
-        self.update_interval = update_interval
+        self.units = [make_unit([t]) for t in self.tensors.values() if not t.in_global_pool]
+        self.units += [make_unit(pool)] if pool else []
+        self.schedule = Schedule(update_interval, early_refresh)
         self.penalty = penalty
         self.decoupled_penalty = decoupled_penalty
-        self.early_refresh = early_refresh
         self.steps: list[int] = []
         self.refreshes = 0
         self.early_refreshes = 0
@@ -241,6 +139,16 @@ class TopKAST:
         with torch.no_grad():
             for unit in self.units:
                 self._select(unit)
+
+    @property
+    def update_interval(self) -> int:
+        """The most optimizer steps between refreshes (:attr:`schedule`'s)."""
+        return self.schedule.update_interval
+
+    @property
+    def early_refresh(self) -> float | None:
+        """The early refresh's fraction of |A|, or None (:attr:`schedule`'s)."""
+        return self.schedule.early_refresh
 
     def _kernels_for(self, param: Tensor) -> kernels.Kernels:
         return kernels.TorchKernels() if self.sync_free else kernels.for_tensor(sharded.local(param), self._compiled)
@@ -300,7 +208,7 @@ class TopKAST:
 
         A unit whose tensors two optimizers step, or of mixed dtypes or devices, stays on the per-tensor passes.
         """
-        buckets: dict[tuple[int, torch.dtype, torch.device, Any], list[_Unit]] = {}
+        buckets: dict[tuple[int, torch.dtype, torch.device, Any], list[Unit]] = {}
         for unit in self.units:
             owners = {id(self._owner.get(t.name)) for t in unit.tensors}
             kinds = {(t.theta.dtype, t.theta.device) for t in unit.tensors}
@@ -360,7 +268,7 @@ class TopKAST:
             tensor.theta.copy_(tensor.local_param)
             tensor.code.zero_()
         for unit in self.units:
-            unit.since_refresh, unit.early_flag = 0, None
+            self.schedule.refreshed(unit)
             self._select(unit)
         self._adopt_thresholds()
 
@@ -445,7 +353,7 @@ class TopKAST:
         counts = self._finish(index, pending)
         units = list(dict.fromkeys(t.unit for t in group))
         due = [self._due(unit, counts.get(unit)) for unit in units]
-        applied: set[_Unit] = set()  # units whose sets were written anew, optimizer state with them
+        applied: set[Unit] = set()  # units whose sets were written anew, optimizer state with them
         for unit, why in zip(units, due, strict=True):
             if why is not None:
                 moved.update(self._refresh_unit(unit, counts.get(unit), applied))
@@ -468,9 +376,7 @@ class TopKAST:
         self._pending.difference_update(t.name for t in batch.tensors)
         reasons = []
         for unit in batch.units:
-            unit.since_refresh += 1
-            early = unit.early_flag is not None and unit.early_flag.read()  # the test of the last step
-            reasons.append(self._reason(unit, early) or "")
+            reasons.append(self.schedule.due_on_last_test(unit) or "")
         due = [bool(why) for why in reasons]
         if prepared:
             self._merge_flat(index, batch, due)
@@ -487,8 +393,8 @@ class TopKAST:
             rates = {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]}
             decoupled = self._coefficients(batch, [-rates[id(t.param)] * self.penalty for t in batch.tensors])
         batch.merge(decoupled, alpha=not any(due))
-        if self.early_refresh is not None and not all(due):
-            flags = _to_host(batch.early_flags(self.early_refresh)).entries(len(batch.units))
+        if self.schedule.early_refresh is not None and not all(due):
+            flags = to_host(batch.early_flags(self.schedule)).entries(len(batch.units))
             for unit, flag in zip(batch.units, flags, strict=True):
                 unit.early_flag = flag
 
@@ -496,7 +402,7 @@ class TopKAST:
         """New sets for the units of ``batch`` that are ``due``; their tensors' turnover into ``moved``."""
         for unit, refreshes in zip(batch.units, due, strict=True):
             if refreshes:  # this step's early test measured the old sets
-                unit.since_refresh, unit.early_flag = 0, None
+                self.schedule.refreshed(unit)
         due_mask = None if all(due) else to_device(torch.tensor(due), batch.device)
         left, size = batch.refresh(due_mask, self._state_kinds(batch))
         refreshed = {id(unit) for unit, refreshes in zip(batch.units, due, strict=True) if refreshes}
@@ -521,11 +427,11 @@ class TopKAST:
         keys = dict.fromkeys(key for states in per_tensor for key in states)
         return [[states.get(key) for states in per_tensor] for key in keys]
 
-    def _finish(self, index: int, pending: list[MaskedTensor]) -> dict[_Unit, FinishCounts | Tensor]:
+    def _finish(self, index: int, pending: list[MaskedTensor]) -> dict[Unit, FinishCounts | Tensor]:
         """θ from the update, α back in the parameters, and the counts per unit against its thresholds."""
         decoupled = self.decoupled_penalty and self.penalty
         rates = {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]} if decoupled else {}
-        totals: dict[_Unit, Any] = {}
+        totals: dict[Unit, Any] = {}
         jobs: dict[kernels.Kernels, tuple[list[MaskedTensor], list[kernels.FinishJob]]] = {}
         for tensor in pending:
             unit = tensor.unit
@@ -534,7 +440,7 @@ class TopKAST:
             if self.sync_free:
                 torch_kernels: kernels.TorchKernels = tensor.kernels  # type: ignore[assignment]
                 torch_kernels.merge(tensor.theta, tensor.code, tensor.param, dec_a, dec_e)
-                if self.early_refresh is None:
+                if self.schedule.early_refresh is None:
                     continue
                 found = torch_kernels.finish_counts(
                     tensor.theta, tensor.code, unit.forward, unit.backward, tensor.offset
@@ -562,29 +468,15 @@ class TopKAST:
                     totals[unit] = _add(totals[unit], found if self.sync_free else FinishCounts(*found.tolist()))
         return totals
 
-    def _due(self, unit: _Unit, counts: FinishCounts | Tensor | None) -> str | None:
+    def _due(self, unit: Unit, counts: FinishCounts | Tensor | None) -> str | None:
         """Why ``unit`` refreshes now ("interval" or "early"), or None; counts this step for it."""
-        unit.since_refresh += 1
-        early = False
-        if self.early_refresh is not None and counts is not None:
-            if self.sync_free:  # decide on the last step's test, whose value has long reached the host
-                flag, unit.early_flag = unit.early_flag, self._early_test(unit, counts[4])
-                early = flag is not None and flag.read()
-            else:
-                early = self._early_test(unit, counts.explorers_above)
-        return self._reason(unit, early)
-
-    def _reason(self, unit: _Unit, early: bool) -> str | None:
-        """The rule of when: "interval" once ``update_interval`` steps have passed, else "early" if its test says so."""
-        if unit.since_refresh >= self.update_interval:
-            return "interval"
-        return "early" if early else None
-
-    def _early_test(self, unit: _Unit, explorers: Any) -> Any:
-        needed = max(1.0, self.early_refresh * unit.forward_k)  # type: ignore[operator]
-        if isinstance(explorers, Tensor):
-            return _to_host(explorers >= needed)
-        return explorers >= needed
+        schedule = self.schedule
+        if schedule.early_refresh is None or counts is None:
+            return schedule.due(unit, early=False)
+        if self.sync_free:  # decide on the last step's test, whose value has long reached the host
+            flag, unit.early_flag = unit.early_flag, schedule.early_test(unit.forward_k, counts[4])
+            return schedule.due(unit, flag is not None and flag.read())
+        return schedule.due(unit, schedule.early_test(unit.forward_k, counts.explorers_above))
 
     # --- refresh --------------------------------------------------------------------------------------------------
 
@@ -602,14 +494,14 @@ class TopKAST:
             listener(moved)
 
     def _refresh_unit(
-        self, unit: _Unit, counts: FinishCounts | Tensor | None, applied: set[_Unit]
+        self, unit: Unit, counts: FinishCounts | Tensor | None, applied: set[Unit]
     ) -> dict[str, tuple[Any, Any]]:
         """New sets for ``unit``; returns the turnover ``{name: (left, size)}`` of each of its tensors.
 
         ``unit`` joins ``applied`` when its sets (and optimizer state) are written, which a refresh that finds them
         unchanged skips.
         """
-        unit.since_refresh, unit.early_flag = 0, None  # this step's early test measured the old sets
+        self.schedule.refreshed(unit)  # this step's early test measured the old sets
         sizes = {t.name: t.forward_size for t in unit.tensors}
         if (
             not self.sync_free
@@ -653,7 +545,7 @@ class TopKAST:
         unit.spacing = (forward_spacing, backward_spacing)
         return self._apply(unit, sizes)
 
-    def _select(self, unit: _Unit, sizes: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    def _select(self, unit: Unit, sizes: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
         """A full selection: the thresholds from all of the unit's scores."""
         sampled = None if self.sync_free else self._sampled_thresholds(unit)
         placement = unit.tensors[0].placement
@@ -668,7 +560,7 @@ class TopKAST:
             unit.forward, unit.backward = find(scores, unit.forward_k), find(scores, unit.backward_k)
         return self._apply(unit, sizes or {t.name: t.forward_size for t in unit.tensors})
 
-    def _sampled_thresholds(self, unit: _Unit) -> tuple[Threshold, Threshold] | None:
+    def _sampled_thresholds(self, unit: Unit) -> tuple[Threshold, Threshold] | None:
         """Both thresholds from a window a strided sample brackets: a pass or three over θ and no copy of it.
 
         None (a full selection then) for small units, which it would not speed up, for torch kernels, and when the
@@ -690,7 +582,7 @@ class TopKAST:
             return None
         return found[0][0], found[1][0]  # type: ignore[index]
 
-    def _apply(self, unit: _Unit, sizes: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    def _apply(self, unit: Unit, sizes: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
         moved = {}
         for tensor in unit.tensors:
             states, offset = self._states(tensor), tensor.offset
@@ -848,7 +740,7 @@ class TopKAST:
             )
             unit.since_refresh = int(saved["since_refresh"])
             flag = saved["early_flag"]
-            unit.early_flag = None if flag is None else _HostCopy(torch.tensor(flag))
+            unit.early_flag = None if flag is None else HostCopy(torch.tensor(flag))
             if self.sync_free:
                 for tensor in unit.tensors:
                     tensor.forward_size = torch.tensor(tensor.forward_size, device=device)
@@ -859,13 +751,7 @@ class TopKAST:
         self.skipped_steps = int(state["skipped_steps"])
 
 
-def _unit(tensors: list[MaskedTensor]) -> _Unit:
-    size = sum(t.total for t in tensors)
-    forward, backward = tensors[0].forward_density, tensors[0].backward_density
-    return _Unit(tensors, selection.count(forward, size), selection.count(backward, size))
-
-
-def _count_at_least(unit: _Unit, rungs: list[int]) -> list[int]:
+def _count_at_least(unit: Unit, rungs: list[int]) -> list[int]:
     totals = [0] * len(rungs)
     for tensor in unit.tensors:
         for start in range(0, len(rungs), kernels.RUNGS):
@@ -875,7 +761,7 @@ def _count_at_least(unit: _Unit, rungs: list[int]) -> list[int]:
     return totals
 
 
-def _pick(unit: _Unit, windows: list[tuple[int, int, int]]) -> list[kernels.Pick]:
+def _pick(unit: Unit, windows: list[tuple[int, int, int]]) -> list[kernels.Pick]:
     kinds = {(type(t.kernels), t.theta.dtype) for t in unit.tensors}
     work = unit.tensors[0].kernels if len(kinds) == 1 else kernels.TorchKernels()  # a pool of mixed dtypes
     return work.pick([t.theta for t in unit.tensors], windows)
@@ -887,51 +773,6 @@ def _add(total: Any, counts: Any) -> Any:
     if isinstance(counts, Tensor):
         return total + counts
     return FinishCounts(*(a + b for a, b in zip(total, counts, strict=True)))
-
-
-@dataclass(eq=False)
-class _HostCopy:
-    """A device value on its way to the host: read a step later, when its copy has long finished."""
-
-    value: Tensor
-    copied: torch.cuda.Event | None = None
-
-    _values: Any = field(default=None, init=False, repr=False)
-
-    def read(self) -> bool:
-        if self._values is None:
-            if self.copied is not None and not self.copied.query():
-                # waits only where the host runs more than a step ahead of the device: then the copy is not done
-                self.copied.synchronize()
-            self._values = self.value.tolist()
-        return bool(self._values)
-
-    def entries(self, count: int) -> list[_HostEntry]:
-        """One reader per entry of a vector, sharing this copy (read once)."""
-        return [_HostEntry(self, i) for i in range(count)]
-
-
-@dataclass(eq=False)
-class _HostEntry:
-    """One entry of a :class:`_HostCopy` of a vector."""
-
-    copy: _HostCopy
-    entry: int
-
-    def read(self) -> bool:
-        self.copy.read()
-        return bool(self.copy._values[self.entry])
-
-
-def _to_host(flag: Tensor) -> _HostCopy:
-    # on a GPU: a copy into pinned memory that completes while the device runs on
-    if flag.device.type == "cpu":
-        return _HostCopy(flag.clone())
-    host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    return _HostCopy(host, copied)
 
 
 def _this_shard(tensor: MaskedTensor, saved: Tensor) -> Tensor:
