@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from lightning_topkast import kernels, selection, sharded
 from lightning_topkast.kernels import A_BIT, B_BIT, EVER_BIT
@@ -47,6 +48,22 @@ class MaskedTensor:
     def local_param(self) -> Tensor:
         """The parameter's values this rank holds: the parameter, or a ``DTensor``'s local shard (same storage)."""
         return sharded.local(self.param)
+
+    @property
+    def local_grad(self) -> Tensor | None:
+        """The parameter's gradient on this rank (a ``DTensor``'s local shard), or None."""
+        grad = self.param.grad
+        return None if grad is None else sharded.local(grad)
+
+    def optimizer_states(self, optimizer: Optimizer) -> dict[str, Tensor]:
+        """Every state tensor ``optimizer`` keeps for the parameter in its shape, whatever it calls it (local shards).
+
+        Any optimizer: its state for the parameter is found by shape, not by name.
+        """
+        states = optimizer.state.get(self.param, {})
+        return {
+            key: sharded.local(v) for key, v in states.items() if isinstance(v, Tensor) and v.shape == self.param.shape
+        }
 
     @property
     def numel(self) -> int:
