@@ -13,7 +13,8 @@ every optimizer step through them in the same order::
 The backends:
 
 - :class:`lightning_topkast.per_tensor.PerTensorPasses` (``per_tensor.py``): a pass per tensor through the tensor's
-  kernels, compiled C loops on CPU or torch operations (:mod:`lightning_topkast.kernels`). The CPU path.
+  kernels, compiled C loops on CPU or torch operations (:mod:`lightning_topkast.kernels`). The CPU path; its
+  ``SyncFreePerTensorPasses`` reads nothing back in a step, for the device tensors no flat group holds.
 - :class:`lightning_topkast.device.FlatPasses` (``device.py``): a pass per flat group of tensors, with no host sync.
   The group's passes are torch operations (:class:`~lightning_topkast.device.FlatGroup`), fused Triton kernels
   (:class:`~lightning_topkast.triton_kernels.TritonGroup`), or the torch operations with the selection summed over
@@ -32,7 +33,7 @@ from torch.optim import Optimizer
 
 from lightning_topkast import sharded, triton_kernels
 from lightning_topkast.device import FlatGroup, FlatPasses
-from lightning_topkast.per_tensor import PerTensorPasses
+from lightning_topkast.per_tensor import PerTensorPasses, SyncFreePerTensorPasses
 from lightning_topkast.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -130,5 +131,6 @@ def per_optimizer(
     for index, owned in enumerate(tensors):
         rest = [t for t in owned if id(t) not in in_flat]
         passes: list[Backend] = [FlatPasses(group) for group in flat.get(index, [])]
-        backends.append(passes + ([PerTensorPasses(rest, sync_free)] if rest else []))
+        per_tensor = SyncFreePerTensorPasses if sync_free else PerTensorPasses
+        backends.append(passes + ([per_tensor(rest)] if rest else []))
     return backends

@@ -2,14 +2,15 @@
 
 The kernels (:mod:`lightning_topkast.kernels`) are compiled C loops for fp32/fp64 CPU tensors (:class:`CKernels`)
 or the same passes as torch operations (:class:`TorchKernels`); tensors of one kind of kernels go in one call per
-pass. Two modes:
+pass. Two classes:
 
-- on the host (the CPU path): each step's counts against the thresholds are read back, the early refresh decides on
-  this step's test, and a refresh searches near the old thresholds
+- :class:`PerTensorPasses`, on the host (the CPU path): each step's counts against the thresholds are read back,
+  the early refresh decides on this step's test, and a refresh searches near the old thresholds
   (:func:`lightning_topkast.selection.search_thresholds`), or does nothing when the counts say the sets still split
   where they did;
-- ``sync_free`` (torch operations on a device, for tensors no flat group holds): no value is read back in a step, the
-  early refresh decides on the test of the last step, and a refresh selects in full on the device.
+- :class:`SyncFreePerTensorPasses` (torch operations on a device, for tensors no flat group holds): no value is
+  read back in a step, the early refresh decides on the test of the last step, and a refresh selects in full on the
+  device.
 
 :func:`select` is a unit's full selection, which the engine also runs at construction and on demand.
 """
@@ -37,15 +38,15 @@ States = Callable[[MaskedTensor], list[Tensor]]
 class PerTensorPasses:
     """The :class:`~lightning_topkast.backend.Backend` over tensors one optimizer steps, a pass per tensor.
 
+    On the host: the counts of each step are read back; a refresh searches near the old thresholds.
+
     Args:
         tensors: the tensors, in the engine's order.
-        sync_free: never read a device value back in a step (see the module's docstring).
     """
 
-    def __init__(self, tensors: Sequence[MaskedTensor], sync_free: bool) -> None:
+    def __init__(self, tensors: Sequence[MaskedTensor]) -> None:
         self.tensors = list(tensors)
         self.units = list(dict.fromkeys(t.unit for t in self.tensors))
-        self.sync_free = sync_free
         self._counts: dict[Unit, FinishCounts | Tensor] = {}  # of the last finish, per unit, for its refresh
 
     def prepare(self, step: Step) -> None:
@@ -102,44 +103,25 @@ class PerTensorPasses:
             unit = tensor.unit
             dec_a = -rates[id(tensor.param)] * step.decoupled if step.decoupled else 0.0
             dec_e = dec_a / tensor.forward_density
-            if self.sync_free:
-                torch_kernels: kernels.TorchKernels = tensor.kernels  # type: ignore[assignment]
-                torch_kernels.merge(tensor.theta, tensor.code, tensor.param, dec_a, dec_e)
-                if step.schedule.early_refresh is None:
-                    continue
-                found = torch_kernels.finish_counts(
-                    tensor.theta, tensor.code, unit.forward, unit.backward, tensor.offset
-                )
-                totals[unit] = _add(totals.get(unit), found)
-            else:  # one call per kind of kernels
-                work = tensor.kernels_for(tensor.param)
-                if work not in jobs:
-                    jobs[work] = ([], [])
-                tensors, batch = jobs[work]
-                tensors.append(tensor)
-                batch.append(
-                    (tensor.theta, tensor.code, tensor.param, dec_a, dec_e, unit.forward, unit.backward, tensor.offset)
-                )
+            work = tensor.kernels_for(tensor.param)  # one call per kind of kernels
+            if work not in jobs:
+                jobs[work] = ([], [])
+            tensors, batch = jobs[work]
+            tensors.append(tensor)
+            batch.append(
+                (tensor.theta, tensor.code, tensor.param, dec_a, dec_e, unit.forward, unit.backward, tensor.offset)
+            )
         for work, (tensors, batch) in jobs.items():
             for tensor, found in zip(tensors, work.finish_many(batch), strict=True):
                 totals[tensor.unit] = _add(totals.get(tensor.unit), found)
         step.pending.difference_update(t.name for t in pending)
-        for unit in totals:  # members of a pool that another optimizer steps were not finished here: as they stand
-            for tensor in unit.tensors if len(unit.tensors) > 1 else ():
-                if tensor not in pending:
-                    found = kernels.TorchKernels().finish_counts(
-                        tensor.theta, tensor.code, unit.forward, unit.backward, tensor.offset
-                    )
-                    totals[unit] = _add(totals[unit], found if self.sync_free else FinishCounts(*found.tolist()))
+        _count_the_rest_of_pools(totals, pending, on_host=True)
         return totals
 
     def _due(self, schedule: Schedule, unit: Unit, counts: FinishCounts | Tensor | None) -> str | None:
         """Why ``unit`` refreshes now ("interval" or "early"), or None; counts this step for it."""
         if schedule.early_refresh is None or counts is None:
             return schedule.due(unit, early=False)
-        if self.sync_free:  # decide on the last step's test, whose value has long reached the host
-            flag, unit.early_flag = unit.early_flag, schedule.early_test(unit.forward_k, counts[4])
-            return schedule.due(unit, flag is not None and flag.read())
         return schedule.due(unit, schedule.early_test(unit.forward_k, counts.explorers_above))  # type: ignore[union-attr]
 
     def _refresh_unit(self, step: Step, unit: Unit, counts: FinishCounts | Tensor | None, applied: set[Unit]) -> Moved:
@@ -150,18 +132,14 @@ class PerTensorPasses:
         """
         step.schedule.refreshed(unit)  # this step's early test measured the old sets
         sizes = {t.name: t.forward_size for t in unit.tensors}
-        if (
-            not self.sync_free
-            and counts is not None
-            and (
-                counts.forward_kept == counts.forward_all == unit.forward_k  # type: ignore[union-attr]
-                and counts.backward_kept == counts.backward_all == unit.backward_k  # type: ignore[union-attr]
-            )
+        if counts is not None and (
+            counts.forward_kept == counts.forward_all == unit.forward_k  # type: ignore[union-attr]
+            and counts.backward_kept == counts.backward_all == unit.backward_k  # type: ignore[union-attr]
         ):
             return {name: (0, size) for name, size in sizes.items()}  # the sets still split where they did
         applied.add(unit)
-        if self.sync_free or counts is None:
-            return select(unit, self.sync_free, step.states, step.pending, sizes)
+        if counts is None:
+            return select(unit, False, step.states, step.pending, sizes)
         if len(unit.tensors) == 1 and unit.tensors[0].name not in step.pending:
             tensor = unit.tensors[0]
             done = tensor.kernels_for(tensor.param).refresh(
@@ -187,10 +165,65 @@ class PerTensorPasses:
         ]
         found = selection.search_thresholds(searches, partial(_count_at_least, unit), partial(_pick, unit))
         if None in found:
-            return select(unit, self.sync_free, step.states, step.pending, sizes)
+            return select(unit, False, step.states, step.pending, sizes)
         (unit.forward, forward_spacing), (unit.backward, backward_spacing) = found  # type: ignore[misc]
         unit.spacing = (forward_spacing, backward_spacing)
-        return apply(unit, self.sync_free, step.states, step.pending, sizes)
+        return apply(unit, False, step.states, step.pending, sizes)
+
+
+class SyncFreePerTensorPasses(PerTensorPasses):
+    """:class:`PerTensorPasses` that read no device value back in a step: torch operations on a device.
+
+    For the tensors no flat group holds (a unit two optimizers step, or of mixed dtypes), or all of them with the
+    engine's ``batched_passes`` off. The counts stay on the device, the early refresh decides on the test of the
+    last step, and a refresh selects in full on the device.
+    """
+
+    def _finish(self, step: Step, pending: list[MaskedTensor]) -> dict[Unit, FinishCounts | Tensor]:
+        """θ from the update, α back in the parameters, and (for the early refresh) the counts as device tensors."""
+        rates = step.rates() if step.decoupled else {}
+        totals: dict[Unit, Any] = {}
+        for tensor in pending:
+            unit = tensor.unit
+            dec_a = -rates[id(tensor.param)] * step.decoupled if step.decoupled else 0.0
+            dec_e = dec_a / tensor.forward_density
+            torch_kernels: kernels.TorchKernels = tensor.kernels  # type: ignore[assignment]
+            torch_kernels.merge(tensor.theta, tensor.code, tensor.param, dec_a, dec_e)
+            if step.schedule.early_refresh is None:
+                continue
+            found = torch_kernels.finish_counts(tensor.theta, tensor.code, unit.forward, unit.backward, tensor.offset)
+            totals[unit] = _add(totals.get(unit), found)
+        step.pending.difference_update(t.name for t in pending)
+        _count_the_rest_of_pools(totals, pending, on_host=False)
+        return totals
+
+    def _due(self, schedule: Schedule, unit: Unit, counts: FinishCounts | Tensor | None) -> str | None:
+        """Why ``unit`` refreshes now, deciding "early" on the last step's test, whose value has reached the host.
+
+        This step's test is copied to the host while the device runs on, to be read at the next step.
+        """
+        if schedule.early_refresh is None or counts is None:
+            return schedule.due(unit, early=False)
+        flag, unit.early_flag = unit.early_flag, schedule.early_test(unit.forward_k, counts[4])
+        return schedule.due(unit, flag is not None and flag.read())
+
+    def _refresh_unit(self, step: Step, unit: Unit, counts: FinishCounts | Tensor | None, applied: set[Unit]) -> Moved:
+        """A full selection of ``unit`` on the device; see :meth:`PerTensorPasses._refresh_unit`."""
+        step.schedule.refreshed(unit)  # this step's early test measured the old sets
+        sizes = {t.name: t.forward_size for t in unit.tensors}
+        applied.add(unit)
+        return select(unit, True, step.states, step.pending, sizes)
+
+
+def _count_the_rest_of_pools(totals: dict[Unit, Any], pending: list[MaskedTensor], on_host: bool) -> None:
+    """Add to ``totals`` the counts of the members of a pool that another optimizer steps: as they stand."""
+    for unit in totals:
+        for tensor in unit.tensors if len(unit.tensors) > 1 else ():
+            if tensor not in pending:
+                found = kernels.TorchKernels().finish_counts(
+                    tensor.theta, tensor.code, unit.forward, unit.backward, tensor.offset
+                )
+                totals[unit] = _add(totals[unit], FinishCounts(*found.tolist()) if on_host else found)
 
 
 # --- a unit's full selection --------------------------------------------------------------------------------------
