@@ -13,6 +13,9 @@ path. :class:`lightning_topkast.triton_kernels.TritonGroup` runs the same passes
 Triton kernels. The selection is a stable sort here (:func:`lightning_topkast.batched.segment_order`, whose order
 also gives the new sets) and a radix select there, both exact. A refresh writes the sets through small tables
 indexed by each entry's move (old set byte, new set, whether its unit is due): see :func:`_move_tables`.
+
+:class:`FlatPasses` is the engine's :class:`~lightning_topkast.backend.Backend` over one group, whatever its class:
+it turns an optimizer step (learning rates, penalty, optimizer state, the schedule) into the group's passes.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ tensor (FSDP2's ``fully_shard``: rows on one mesh dimension, replicated on the o
 and the set bytes of the local shard only, and a unit's ``offset`` is the whole tensor's index of the shard's first
 entry, so every per-entry pass compares against the whole unit's thresholds unchanged. :class:`ShardedGroup` is
 the device path's :class:`~lightning_topkast.device.FlatGroup` whose selection and counts are summed over the ranks
-that share the shards.
+that share the shards. Where the sharded θ and sets go in a checkpoint: :mod:`lightning_topkast.checkpoints`.
 """
 
 from __future__ import annotations
