@@ -66,7 +66,7 @@ class Config:
     decoupled: bool = False
     update_interval: int = 1
     early_refresh: float | None = 0.01
-    layers: str = "emb-dense"  # emb-dense (the benchmark's), head-dense, both-dense, all-masked
+    layers: str = "emb-dense"  # emb-dense (the benchmark's), head-dense, both-dense, all-masked, head-only-dense
     note: str = ""
 
 
@@ -100,6 +100,9 @@ CONFIGS: dict[str, Config] = {
     "tk90-dec3e-2-lr4e-2": _tk(4e-2, penalty=3e-2, decoupled=True),
     "tk90-dec3e-2-head-dense": _tk(penalty=3e-2, decoupled=True, layers="head-dense"),
     "tk90-dec3e-2-all-masked": _tk(penalty=3e-2, decoupled=True, layers="all-masked"),
+    "tk90-dec3e-2-lr2e-2-head-dense": _tk(2e-2, penalty=3e-2, decoupled=True, layers="head-dense"),
+    "tk90-dec3e-2-lr2e-2-all-masked": _tk(2e-2, penalty=3e-2, decoupled=True, layers="all-masked"),
+    "tk90-dec3e-2-lr2e-2-head-only-dense": _tk(2e-2, penalty=3e-2, decoupled=True, layers="head-only-dense"),
     "tk90-dec3e-2-i100": _tk(penalty=3e-2, decoupled=True, update_interval=100),
     "tk90-dec3e-2-lr2e-2-i100": _tk(2e-2, penalty=3e-2, decoupled=True, update_interval=100),
     "tk90-dec3e-2-lr2e-2-i100-e5": _tk(2e-2, penalty=3e-2, decoupled=True, update_interval=100, early_refresh=0.05),
@@ -126,7 +129,8 @@ def study_targets(pl_module: nn.Module, layers: str) -> tuple[list[str], dict[st
 
     ``emb-dense`` is the benchmark's selection (:func:`common.masked_weights`: the token embedding, registered first,
     dense; the head masked). ``head-dense`` keeps the output head dense too, ``both-dense`` is an alias of it kept for
-    clarity, ``all-masked`` masks the embedding and the head.
+    clarity, ``all-masked`` masks the embedding and the head, ``head-only-dense`` masks the embedding and keeps the
+    head dense: what registration order chose on LitGPT's ``GPT``, which registers its head first.
     """
     first, names = common.masked_weights(pl_module)
     dense = {first: "first layer (token embedding)"}
@@ -136,7 +140,9 @@ def study_targets(pl_module: nn.Module, layers: str) -> tuple[list[str], dict[st
         return [n for n in names if n != "model.head.weight"], {**dense, "model.head.weight": "output head"}
     if layers == "all-masked":
         return [first, *names], {}
-    raise ValueError(f"layers={layers!r}: use emb-dense, head-dense, both-dense or all-masked")
+    if layers == "head-only-dense":
+        return [first, *(n for n in names if n != "model.head.weight")], {"model.head.weight": "output head"}
+    raise ValueError(f"layers={layers!r}: use emb-dense, head-dense, both-dense, all-masked or head-only-dense")
 
 
 class StudyTopKAST(TopKASTCallback):

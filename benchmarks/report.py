@@ -148,7 +148,45 @@ def gpu_overhead() -> str:
     )
 
 
+def lenet_target() -> str:
+    """Issue 16's LeNet-300-100 target: through Lightning (``overhead.py``) and in a bare loop (``cpu_step.py``)."""
+    lines = [
+        "| benchmark | model | `update_interval` | dense (ms) | Top-KAST (ms) | ratio of medians | paired ratios |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lightning = load("overhead_lenet.json")["summary"]["lenet"]
+    dense = lightning["dense"]["median_ms"]
+    for i, (method, interval) in enumerate(
+        (("Top-KAST, interval 1", "1"), ("Top-KAST, interval 100, early refresh", "100, early refresh"))
+    ):
+        row = lightning[method]
+        where = (
+            ("`overhead.py` (Lightning, bf16 autocast, a fresh process per run)", "LeNet-300-100")
+            if i == 0
+            else ("", "")
+        )
+        lines.append(
+            f"| {where[0]} | {where[1]} | {interval} | {dense:.2f} | {row['median_ms']:.2f} | "
+            f"{row['ratio_of_medians']:.3f} | {row['paired_min']:.3f}–{row['paired_max']:.3f} |"
+        )
+    names = {"lenet": "LeNet-300-100", "mlp23": "24-layer MLP, 23 masked tensors"}
+    first = True
+    for model, by_interval in load("cpu_step.json")["runs"].items():
+        for j, (interval, times) in enumerate(by_interval.items()):
+            rounds = len(times["dense"])
+            bench = f"`cpu_step.py` (bare fp32 loop, interleaved in one process, {rounds} rounds)" if first else ""
+            first = False
+            plain, sparse = statistics.median(times["dense"]), statistics.median(times["Top-KAST"])
+            paired = statistics.median(t / d for t, d in zip(times["Top-KAST"], times["dense"], strict=True))
+            lines.append(
+                f"| {bench} | {names.get(model, model) if j == 0 else ''} | {interval} | {1e3 * plain:.2f} | "
+                f"{1e3 * sparse:.2f} | {sparse / plain:.3f} | median {paired:.3f} |"
+            )
+    return "\n".join(lines) + "\n\n" + source("overhead_lenet.json", "cpu_step.json")
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "lenet-target": lenet_target,
     "overhead-gpu": gpu_overhead,
     "overhead": lambda: overhead.time_table(load("overhead.json")["summary"]) + "\n\n" + source("overhead.json"),
     "memory": lambda: overhead.memory_table(load("memory.json")["runs"]) + "\n\n" + source("memory.json"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
@@ -62,9 +63,11 @@ class TopKASTCallback(Callback):
         include: mask exactly the parameters matching these parameter-name globs or module class names (default:
             every floating-point parameter of 2+ dimensions outside normalisation layers).
         exclude: parameter-name globs or module class names never masked.
-        dense_first_layer: keep the first tensor of the default selection (registration order) dense, as RigL's
-            setup does; ignored with ``include``, and overruled (with a warning) when nothing else is left.
-        dense_last_layer: keep the last tensor of the default selection dense; same rules.
+        dense_first_layer: keep the first tensor of the default selection dense, as RigL's setup does: the first
+            the forward pass uses (found on the first training batch; the masks move before the first optimizer
+            step if registration order said otherwise). Ignored with ``include``, and overruled (with a warning)
+            when nothing else is left.
+        dense_last_layer: keep the last tensor of the default selection (in the forward pass) dense; same rules.
         log_per_tensor: also log target and actual densities of every tensor.
         log_masks_every_n_steps: every this many optimizer steps, send W&B and TensorBoard a bar chart of the
             densities and a |θ| histogram per tensor with the A and B thresholds marked (needs matplotlib: the
@@ -136,17 +139,26 @@ class TopKASTCallback(Callback):
         self._checkpoint_path: Any = None  # where a resumed checkpoint lies: a distributed one holds sharded θ
         self._prefix = reporting.PREFIX
         self._noted: set[str] = set()
+        self.forward_order: list[str] | None = None  # candidates in the order the forward pass first used them
+        self._tracer: targets.ForwardOrder | None = None
+        self._state_key: tuple[tuple[Any, ...], str] | None = None
 
     @property
     @override
     def state_key(self) -> str:
-        # the targets identify an instance: several callbacks with disjoint targets keep their own state
-        return self._generate_state_key(
-            include=self.include,
-            exclude=self.exclude,
-            dense_first_layer=self.dense_first_layer,
-            dense_last_layer=self.dense_last_layer,
-        )
+        # the targets identify an instance: several callbacks with disjoint targets keep their own state. Lightning
+        # reads the key at every hook call (its profiler's action names): built once per value of the targets
+        copy = lambda patterns: None if patterns is None else tuple(patterns)  # noqa: E731  (a list edited in place)
+        targets_now = (copy(self.include), copy(self.exclude), self.dense_first_layer, self.dense_last_layer)
+        if self._state_key is None or self._state_key[0] != targets_now:
+            key = self._generate_state_key(
+                include=self.include,
+                exclude=self.exclude,
+                dense_first_layer=self.dense_first_layer,
+                dense_last_layer=self.dense_last_layer,
+            )
+            self._state_key = (targets_now, key)
+        return self._state_key[1]
 
     # --- hooks --------------------------------------------------------------------------------------------------
 
@@ -161,6 +173,8 @@ class TopKASTCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after the module's own setup/configure_model and the checkpoint's weights: plan on the model as it trains
         self._prefix = _prefix(trainer, self)
+        if self._loaded_state is not None and self._loaded_state.get("forward_order") is not None:
+            self.forward_order = list(self._loaded_state["forward_order"])  # as the checkpointed run found it
         plan = self.plan(pl_module)
         validation.check_sharded_plan(plan.parameters, self.distribution)
         self._check_disjoint(trainer, plan)
@@ -173,32 +187,41 @@ class TopKASTCallback(Callback):
         for hint in validation.slow_optimizers(trainer.optimizers, [t.param for t in engine.tensors.values()]):
             rank_zero_warn(hint, category=PossibleUserWarning)
         self._log_hyperparameters(trainer, pl_module)
+        self._tracer = self._forward_tracer(trainer, pl_module)
         if self.verbose:
             rank_zero_info(self.summary_table())
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._stepped = False
+        if self._tracer is not None and not self._tracer.order:
+            self._tracer.start()  # the first batch's forward pass says which layer is first and last
         if not self._require_engine().sharded:  # FSDP2 runs on unsharded copies: masked weights are not found
             self._require_flops().start()
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        self._stop_tracing()
         self._require_flops().pause()  # FLOPs of the forward only; a training step counts as three of them
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._tracer is not None:
+            self._follow_forward_order(trainer, pl_module)  # the first point after the forward pass and its backward
         self._require_flops().resume()  # manual optimization may run more forward passes in the batch
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         self._stepped = True
+        if self._tracer is not None:
+            self._follow_forward_order(trainer, pl_module)
         self._require_engine().before_step(optimizer)
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._stop_tracing()
         self._require_engine().restore_forward_weights()
         self._require_flops().finish()
         if self._should_log(trainer):
@@ -213,13 +236,14 @@ class TopKASTCallback(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._stop_tracing()
         self._release()
 
     @override
     def state_dict(self) -> dict[str, Any]:
         if self.engine is None:
             return {}
-        return {"config": self._arguments(), **self.engine.state_dict()}
+        return {"config": self._arguments(), "forward_order": self.forward_order, **self.engine.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -260,7 +284,9 @@ class TopKASTCallback(Callback):
 
     def select_targets(self, pl_module: nn.Module) -> targets.Selection:
         """Choose the tensors to mask; override for custom filtering (return a ``lightning_topkast.Selection``)."""
-        return targets.select(pl_module, self.include, self.exclude, self.dense_first_layer, self.dense_last_layer)
+        return targets.select(
+            pl_module, self.include, self.exclude, self.dense_first_layer, self.dense_last_layer, self.forward_order
+        )
 
     def plan(self, pl_module: nn.Module) -> Plan:
         """What this callback would mask in ``pl_module`` and how densely, without training; raises on bad config."""
@@ -355,6 +381,56 @@ class TopKASTCallback(Callback):
         )
         engine.refresh_listeners.append(self._turnover.update)
         return engine
+
+    def _forward_tracer(self, trainer: Trainer, pl_module: LightningModule) -> targets.ForwardOrder | None:
+        """A recorder of the first forward pass, when first and last are still to be found in it."""
+        switches = self.dense_first_layer or self.dense_last_layer
+        if self.forward_order is not None or self.include is not None or not switches:
+            return None  # known (a checkpoint or an earlier fit), or the user's word
+        if any(self._require_engine().steps):
+            return None  # resumed from a run that stepped without an order: it trained with registration order
+        if self._require_engine().sharded or isinstance(trainer.strategy, ModelParallelStrategy):
+            return None  # the forward runs on gathered copies the recorder cannot name; restored after setup
+        return targets.ForwardOrder(pl_module)
+
+    def _stop_tracing(self) -> None:
+        if self._tracer is not None:
+            self._tracer.stop()
+
+    def _follow_forward_order(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keep dense the layers first and last in the forward pass, moving the masks if registration order differs.
+
+        Once, after the first backward pass and before the first optimizer step; the order is checkpointed. Not
+        earlier: writing the weights between the forward and the backward pass would invalidate what autograd saved.
+        """
+        tracer, self._tracer = self._tracer, None
+        assert tracer is not None
+        tracer.stop()
+        self.forward_order = tracer.order
+        before, plan = self._require_plan(), self.plan(pl_module)
+        if list(plan.parameters) == list(before.parameters):
+            self._plan = plan  # the same tensors; the reasons now name the forward pass
+            return
+        moved = sorted(set(before.parameters) ^ set(plan.parameters))
+        rank_zero_info(
+            f"TopKASTCallback: the forward pass orders the layers differently from their registration; masks "
+            f"moved before the first step ({', '.join(moved)}): kept dense now {plan.selection.kept_dense}"
+        )
+        engine = self._require_engine()
+        self._require_flops().pause()
+        in_progress = engine.steps_in_progress()  # this hook runs inside optimizer.step(), in Lightning's closure
+        engine.detach()
+        with torch.no_grad():
+            for tensor in engine.tensors.values():
+                tensor.local_param.copy_(tensor.theta)  # the weights as they are, before the new plan masks them
+        self.engine = None
+        self._check_disjoint(trainer, plan)
+        self._penalty = self._resolve_penalty(trainer.optimizers, plan)
+        self._use(plan)
+        engine = self._require_engine()
+        engine.penalty, engine.decoupled_penalty = self._penalty
+        engine.attach(trainer.optimizers, in_progress)
+        self._log_hyperparameters(trainer, pl_module)
 
     def _check_disjoint(self, trainer: Trainer, plan: Plan) -> None:
         mine = {id(p): name for name, p in plan.parameters.items()}

@@ -185,8 +185,12 @@ class TopKAST:
 
     # --- optimizer wiring -------------------------------------------------------------------------------------
 
-    def attach(self, optimizers: Sequence[Optimizer]) -> None:
-        """Step with ``optimizers``: each refreshes the tensors it owns after its own steps."""
+    def attach(self, optimizers: Sequence[Optimizer], steps_in_progress: Sequence[int] | None = None) -> None:
+        """Step with ``optimizers``: each refreshes the tensors it owns after its own steps.
+
+        ``steps_in_progress``: what :meth:`steps_in_progress` of an engine this one replaces inside an optimizer's
+        ``step()`` returned (Lightning runs the closure, and so the hooks before the update, inside it).
+        """
         self.detach()
         owner = {id(p): i for i, opt in enumerate(optimizers) for group in opt.param_groups for p in group["params"]}
         self._optimizers = list(optimizers)
@@ -205,12 +209,16 @@ class TopKAST:
                 "batched_passes is False): a sharded tensor's refreshes are decided on its optimizer's flat group"
             )
         self._unchecked = set(range(len(optimizers)))
-        self._depth = [0] * len(optimizers)
+        self._depth = list(steps_in_progress) if steps_in_progress is not None else [0] * len(optimizers)
         for i, opt in enumerate(optimizers):
             # torch runs the hooks around every patched step() level, so a subclass whose step() calls super's
             # fires them twice: the update is done when the outermost call returns
             self._handles.append(opt.register_step_pre_hook(lambda opt, args, kwargs, i=i: self._enter_step(i)))
             self._handles.append(opt.register_step_post_hook(lambda opt, args, kwargs, i=i: self._leave_step(i)))
+
+    def steps_in_progress(self) -> list[int]:
+        """Per attached optimizer, how many of its ``step()`` calls are running now."""
+        return list(self._depth)
 
     def _use_backends(self, flat: bool) -> None:
         """Per optimizer, the backends that step its tensors: flat groups if ``flat``, then per tensor the rest."""

@@ -10,6 +10,11 @@ Cerebras' sparsity. Biases, other 1-D parameters and normalisation layers are ne
 the class name of the module that owns it (e.g. ``"Conv2d"``, or ``"Linear"`` for any subclass of it). An explicit
 ``include`` is the user's word: ``dense_first_layer`` / ``dense_last_layer`` shape the default selection only. When
 they would leave nothing to mask (a one-layer model), the layer is masked anyway and a note says why.
+
+"First" and "last" mean the order in which the forward pass uses the tensors when that order is known
+(:class:`ForwardOrder` records it from one forward pass), and registration order before. The two differ more often
+than one would think: LitGPT's ``GPT`` registers its output head ``lm_head`` before the token embedding
+``transformer.wte``, so by registration the "first layer" is the head and the "last" is a block's projection.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ import fnmatch
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 NORM_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -126,12 +135,15 @@ def select(
     exclude: Sequence[str] | None = None,
     dense_first_layer: bool = True,
     dense_last_layer: bool = False,
+    order: Sequence[str] | None = None,
 ) -> Selection:
     """Choose the parameters to mask; every ``include`` and ``exclude`` entry must match some candidate.
 
     Without ``include``, every trainable candidate is masked except those ``exclude`` names, and then
-    ``dense_first_layer`` / ``dense_last_layer`` keep the first / last of them (registration order) dense unless
-    that would leave nothing to mask. With ``include``, exactly the included candidates not excluded are masked.
+    ``dense_first_layer`` / ``dense_last_layer`` keep the first / last of them dense unless that would leave nothing
+    to mask: first and last in ``order`` (candidate names in the order a forward pass uses them, from
+    :class:`ForwardOrder`), or in registration order when ``order`` is None or names none of them. With
+    ``include``, exactly the included candidates not excluded are masked.
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -151,7 +163,7 @@ def select(
         (masked if chosen else dense)[candidate.name] = why
     notes: list[str] = []
     if include is None:
-        notes = _apply_first_last(masked, dense, dense_first_layer, dense_last_layer)
+        notes = _apply_first_last(masked, dense, dense_first_layer, dense_last_layer, order)
     if not masked:
         raise ValueError(_nothing_to_mask(pool, include, exclude, dense))
     order = [c.name for c in pool]
@@ -179,9 +191,12 @@ def _decide(candidate: Candidate, include: Sequence[str] | None, exclude: Sequen
     return (False, f"exclude {excluded!r}") if excluded is not None else (True, why)
 
 
-def _apply_first_last(masked: dict[str, str], dense: dict[str, str], first: bool, last: bool) -> list[str]:
+def _apply_first_last(
+    masked: dict[str, str], dense: dict[str, str], first: bool, last: bool, used: Sequence[str] | None
+) -> list[str]:
     """Move the first/last masked tensor to ``dense``; if that would empty ``masked``, keep them and say why."""
-    order = list(masked)
+    order = [name for name in used or () if name in masked] or list(masked)
+    where = " in the forward pass" if order and used and order[0] in used else ""
     dropped: dict[str, str] = {}
     if first and order:
         dropped[order[0]] = FIRST
@@ -189,9 +204,9 @@ def _apply_first_last(masked: dict[str, str], dense: dict[str, str], first: bool
         dropped[order[-1]] = LAST
     if not dropped:
         return []
-    if len(dropped) < len(order):
+    if len(dropped) < len(masked):
         for name, switch in dropped.items():
-            dense[name] = f"{'first' if switch == FIRST else 'last'} layer ({switch}=True)"
+            dense[name] = f"{'first' if switch == FIRST else 'last'} layer{where} ({switch}=True)"
             del masked[name]
         return []
     switches = sorted(set(dropped.values()))
@@ -204,6 +219,65 @@ def _apply_first_last(masked: dict[str, str], dense: dict[str, str], first: bool
         f"TopKASTCallback({flags}) would keep {names} dense, and it is all there is to mask: masking it anyway. "
         f"Pass {fix} to silence this, or exclude={list(dropped)!r} to train it dense."
     ]
+
+
+class ForwardOrder(TorchFunctionMode):
+    """Records the order in which a forward pass first hands each of ``params`` to a torch function.
+
+    A function mode sees the ``nn.Parameter`` objects themselves (``F.linear(x, self.weight)``,
+    ``F.embedding(ids, self.weight)``, an LSTM's list of flat weights), before autocast makes copies of them, so a
+    tied weight counts at its first use and a raw ``nn.Parameter`` used through ``F.linear`` counts where it is used,
+    not where its module's ``forward`` begins. Only uses inside the ``forward`` of ``model`` or one of its submodules
+    count: a callback that reads the weights in ``on_train_batch_start`` (a snapshot, a norm) is not the forward
+    pass, and neither is a strategy's wrapper (DDP's, Lightning's), so every strategy finds the same order. Entered
+    and left across Lightning hooks (:meth:`start`, :meth:`stop`), around the first training batch's forward only.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._names = {id(c.param): c.name for c in candidates(model)}
+        self._modules = {id(module) for module in model.modules()}
+        self.order: list[str] = []
+        self.active = False
+        self._depth = 0  # module forward calls in progress
+        self._hooks: list[Any] = []
+
+    def start(self) -> None:
+        """Begin recording (a no-op while recording)."""
+        if self.active:
+            return
+        self._depth, self.active = 0, True
+        self._hooks = [
+            register_module_forward_pre_hook(lambda module, args: self._enter(module)),
+            register_module_forward_hook(lambda module, args, output: self._leave(module), always_call=True),
+        ]
+        self.__enter__()
+
+    def stop(self) -> None:
+        """End recording (a no-op unless recording)."""
+        if self.active:
+            self.active = False
+            self.__exit__(None, None, None)
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+
+    def _enter(self, module: nn.Module) -> None:
+        self._depth += id(module) in self._modules
+
+    def _leave(self, module: nn.Module) -> None:
+        self._depth = max(self._depth - (id(module) in self._modules), 0)
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self._depth:
+            for leaf in tree_leaves((args, kwargs)):
+                name = self._names.pop(id(leaf), None) if isinstance(leaf, Tensor) else None
+                if name is not None:
+                    self.order.append(name)
+        return func(*args, **kwargs)
 
 
 def _check_patterns(argument: str, patterns: Sequence[str] | None, pool: list[Candidate]) -> None:

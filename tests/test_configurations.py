@@ -90,17 +90,17 @@ def test_dense_first_and_last_layer_and_exclude(tmp_path: Path) -> None:
     assert callback.engine is not None
     assert list(callback.engine.tensors) == ["net.2.weight"]
     assert callback.kept_dense == {
-        "net.0.weight": "first layer (dense_first_layer=True)",
+        "net.0.weight": "first layer in the forward pass (dense_first_layer=True)",
         "net.4.weight": "exclude 'net.4.*'",
-        "net.6.weight": "last layer (dense_last_layer=True)",
+        "net.6.weight": "last layer in the forward pass (dense_last_layer=True)",
     }
     table = callback.summary_table().splitlines()
     assert table[2].startswith("0 | net.0.weight | (32, 8)  | 256    | dense       | dense       |     |     |")
     assert [line.rsplit(" | ", 1)[-1] for line in table[2:6]] == [
-        "first layer (dense_first_layer=True)",
+        "first layer in the forward pass (dense_first_layer=True)",
         "default: floating point, 2+ dims, trainable",
         "exclude 'net.4.*'",
-        "last layer (dense_last_layer=True)",
+        "last layer in the forward pass (dense_last_layer=True)",
     ]
     assert table[-2] == "Kept dense: 3 tensors, 688 weights; never masked: bias or other 1-D parameter (4)"
 

@@ -198,6 +198,22 @@ def main(out: Path, mode: str) -> None:
     if mode == "equivalence":
         fit_global_batch(out, devices=2, prefix="equivalence-rank")
         return
+    if mode == "forward-order":
+        from test_forward_order import HeadFirstLM, tokens
+
+        L.seed_everything(int(os.environ.get("LOCAL_RANK", "0")), verbose=False)
+        topkast = TopKASTCallback(verbose=False)
+        trainer = make_trainer(out, [topkast], devices=2, strategy="ddp", max_steps=3)
+        trainer.fit(HeadFirstLM(), tokens())
+        engine = engine_of(topkast)
+        found = {
+            "forward_order": topkast.forward_order,
+            "masked": list(engine.tensors),
+            "kept_dense": topkast.kept_dense,
+            "digests": {name: [_digest(t.theta), _digest(t.code)] for name, t in engine.tensors.items()},
+        }
+        (out / f"forward-order-rank{trainer.global_rank}.json").write_text(json.dumps(found))
+        return
     if mode == "early":
         # refreshes only when a rank's θ says so: the early-refresh test runs on each rank without communication
         L.seed_everything(int(os.environ.get("LOCAL_RANK", "0")), verbose=False)
@@ -341,3 +357,14 @@ if __name__ == "__main__":
         # a gloo group left for interpreter exit can abort there ("terminate called without an active exception")
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_find_the_same_forward_order_and_move_the_same_masks(tmp_path: Path) -> None:
+    # DDP's and Lightning's wrappers run the module's forward inside their own: neither counts as a use
+    _run_ranks(tmp_path, "forward-order")
+    ranks = [json.loads((tmp_path / f"forward-order-rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["forward_order"] == ["wte.weight", "block.0.weight", "block.2.weight", "lm_head.weight"]
+    assert ranks[0]["masked"] == ["lm_head.weight", "block.0.weight", "block.2.weight"]
+    assert ranks[0]["kept_dense"] == {"wte.weight": "first layer in the forward pass (dense_first_layer=True)"}

@@ -157,6 +157,18 @@ def _two_callbacks() -> list[TopKASTCallback]:
     ]
 
 
+def test_state_key_is_built_once_and_follows_the_targets() -> None:
+    callback = TopKASTCallback()
+    key = callback.state_key
+    assert callback.state_key is key  # Lightning reads it at every hook call
+    callback.include = ["Linear"]
+    assert callback.state_key != key
+    assert "'include': ['Linear']" in callback.state_key
+    assert callback.include is not None
+    callback.include.append("Conv2d")  # edited in place
+    assert "'include': ['Linear', 'Conv2d']" in callback.state_key
+
+
 def test_state_key_names_the_targets() -> None:
     assert TopKASTCallback().state_key == (
         "TopKASTCallback{'include': None, 'exclude': None, 'dense_first_layer': True, 'dense_last_layer': False}"
