@@ -36,6 +36,7 @@ import common
 import overhead
 
 from lightning_topkast import TopKAST
+from lightning_topkast.device import FlatPasses
 
 IMPLEMENTATIONS = ("triton", "torch", "per tensor")
 FORWARD, BACKWARD = 0.2, 0.5
@@ -85,9 +86,9 @@ def step(module: Any, engine: TopKAST, optimizer: torch.optim.Optimizer, device:
 @torch.no_grad()
 def refresh_once(engine: TopKAST) -> None:
     if engine._flat:
-        for groups in engine._flat.values():
+        for index, groups in engine._flat.items():
             for group in groups:
-                group.refresh(None, engine._state_kinds(group))
+                group.refresh(None, FlatPasses(group).state_kinds(engine._optimizers[index]))
     else:
         engine.refresh()
 

@@ -1,8 +1,9 @@
 """``TopKASTCallback``: Top-KAST sparse training for any LightningModule, wired into Lightning's hooks.
 
 The hooks delegate: :mod:`~lightning_topkast.planning` decides what is masked and how densely, ``TopKAST``
-(:mod:`~lightning_topkast.state`) does each step, :mod:`~lightning_topkast.reporting` measures FLOPs and turnover and
-formats metrics, :mod:`~lightning_topkast.figures` draws the masks. This is the only module that imports Lightning.
+(:mod:`~lightning_topkast.state`) does each step, :mod:`~lightning_topkast.checkpoints` fits its state into
+Lightning's checkpoints, :mod:`~lightning_topkast.reporting` measures FLOPs and turnover and formats metrics,
+:mod:`~lightning_topkast.figures` draws the masks. This is the only module that imports Lightning.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_topkast import distributions, figures, planning, regularizer, reporting, sharded, targets, validation
+from lightning_topkast import checkpoints, distributions, figures, planning, regularizer, reporting, targets, validation
 from lightning_topkast.planning import Plan
 from lightning_topkast.state import TopKAST
 
@@ -253,9 +254,7 @@ class TopKASTCallback(Callback):
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.engine is not None:
-            checkpoint["state_dict"] = _with_forward_weights(checkpoint.get("state_dict", {}), self.engine)
-            if self.engine.sharded:
-                sharded.move_into_checkpoint(checkpoint, self.state_key)
+            checkpoints.prepare_to_save(checkpoint, self.engine, self.state_key)
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -359,7 +358,7 @@ class TopKASTCallback(Callback):
         engine, self._plan = self.engine, plan
         if engine is not None and _same_tensors(engine, plan):
             engine.follow_parameters()  # a module the last fit left on the CPU is back on its GPU
-            if _holds_forward_weights(engine):
+            if checkpoints.holds_forward_weights(engine):
                 return
             rank_zero_info(
                 "TopKASTCallback: the masked weights changed since the last fit (a checkpoint loaded by "
@@ -467,7 +466,7 @@ class TopKASTCallback(Callback):
             self._resume_problem(problems)
             return
         path, self._checkpoint_path = self._checkpoint_path, None
-        engine.load_state_dict(sharded.load_saved_apart(state, engine.tensors, path, self.state_key))
+        engine.load_state_dict(checkpoints.load_saved_apart(state, engine.tensors, path, self.state_key))
 
     def _resume_problem(self, problems: list[str]) -> None:
         message = "cannot resume Top-KAST from this checkpoint: " + "; ".join(problems)
@@ -598,31 +597,3 @@ def _same_tensors(engine: TopKAST, plan: Plan) -> bool:
         and t.in_global_pool == (name in pool)
         for name, t in engine.tensors.items()
     )
-
-
-@torch.no_grad()
-def _holds_forward_weights(engine: TopKAST) -> bool:
-    """Whether every masked parameter still holds the engine's α (nothing loaded into the model since)."""
-    for t in engine.tensors.values():
-        alpha, param = torch.where(t.forward_set, t.theta, 0), t.local_param
-        if not torch.equal(param, alpha) and not bool(((param == alpha) | (param.isnan() & alpha.isnan())).all()):
-            return False
-    return True
-
-
-def _with_forward_weights(state_dict: dict[str, Any], engine: TopKAST) -> dict[str, Any]:
-    """``state_dict`` with α for parameters saved mid-step (holding θ on B), under every name that shares them."""
-    pending = engine.pending_forward_weights()
-    if not pending:
-        return state_dict
-    storage = {engine.tensors[name].local_param.data_ptr(): name for name in pending}
-
-    def alpha_for(value: Tensor) -> Tensor:
-        name = storage.get(sharded.local(value).data_ptr())
-        if name is None:
-            return value
-        placement = engine.tensors[name].placement
-        return pending[name] if placement is None else placement.wrap(pending[name])
-
-    # entries are views of the live parameters: replace them, never write into them
-    return {key: alpha_for(value) if isinstance(value, Tensor) else value for key, value in state_dict.items()}

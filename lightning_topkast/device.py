@@ -13,6 +13,9 @@ path. :class:`lightning_topkast.triton_kernels.TritonGroup` runs the same passes
 Triton kernels. The selection is a stable sort here (:func:`lightning_topkast.batched.segment_order`, whose order
 also gives the new sets) and a radix select there, both exact. A refresh writes the sets through small tables
 indexed by each entry's move (old set byte, new set, whether its unit is due): see :func:`_move_tables`.
+
+:class:`FlatPasses` is the engine's :class:`~lightning_topkast.backend.Backend` over one group, whatever its class:
+it turns an optimizer step (learning rates, penalty, optimizer state, the schedule) into the group's passes.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from torch.optim import Optimizer
 
 from lightning_topkast import kernels
 from lightning_topkast.batched import Queries, segment_order, thresholds_in_order
 from lightning_topkast.kernels import A_BIT, B_BIT, EVER_BIT
+from lightning_topkast.schedule import to_host
 
 if TYPE_CHECKING:
-    from lightning_topkast.state import MaskedTensor, _Unit
+    from lightning_topkast.backend import Moved, Step
+    from lightning_topkast.masked import MaskedTensor, Unit
+    from lightning_topkast.schedule import Schedule
 
 Coefficients = tuple[Sequence[float], Sequence[float]]  # per tensor: on A, on B \ A
 
@@ -42,7 +49,7 @@ class FlatGroup:
     units their thresholds into its table (``[2 · units, 2]``: A's and B's (score, split) of each unit in turn).
     """
 
-    def __init__(self, units: Sequence[_Unit]) -> None:
+    def __init__(self, units: Sequence[Unit]) -> None:
         self.units = list(units)
         self.tensors: list[MaskedTensor] = [t for unit in self.units for t in unit.tensors]
         self.params: list[Tensor] = [t.local_param for t in self.tensors]  # a DTensor's local shard
@@ -68,7 +75,7 @@ class FlatGroup:
         starts = self.queries.tensors["segment_starts"]
         first = torch.tensor([unit.tensors[0].offset for unit in self.units], dtype=torch.int64, device=self.device)
         self._split_offsets = torch.stack([torch.zeros_like(starts), starts - first], dim=1)[:, None, :]  # [units,1,2]
-        self._needed: dict[float, Tensor] = {}
+        self._needed: dict[float | None, Tensor] = {}
         self._tables: dict[tuple[tuple[float, ...], tuple[float, ...]], tuple[Tensor, Tensor | None]] = {}
         # each unit's order in three runs: its first forward_k entries go to A, the next ones to B \ A, the rest out
         runs = [(unit.forward_k, unit.backward_k - unit.forward_k, unit.size - unit.backward_k) for unit in self.units]
@@ -171,13 +178,11 @@ class FlatGroup:
 
     # --- the steps' decisions, from the passes ----------------------------------------------------------------------
 
-    def early_flags(self, fraction: float) -> Tensor:
-        r"""Per unit, whether the early refresh is due.
-
-        It is when the members of B \ A at or above A's threshold number at least ``fraction`` of |A| (and one).
-        """
+    def early_flags(self, schedule: Schedule) -> Tensor:
+        r"""Per unit, whether ``schedule``'s early refresh test calls for a refresh, from :meth:`explorers`."""
+        fraction = schedule.early_refresh
         if fraction not in self._needed:
-            needed = [max(1.0, fraction * unit.forward_k) for unit in self.units]
+            needed = [schedule.needed(unit.forward_k) for unit in self.units]
             self._needed[fraction] = torch.tensor(needed, dtype=torch.float64, device=self.device)
         return self.explorers() >= self._needed[fraction]
 
@@ -265,6 +270,69 @@ class FlatGroup:
             return torch.index_select(by_code, 0, self.code.to(torch.int32))
         per_entry = self.per_tensor.per_entry(table)
         return torch.where(_bit(self.code, A_BIT), per_entry[:, 0], per_entry[:, 1])
+
+
+class FlatPasses:
+    """The :class:`~lightning_topkast.backend.Backend` over one flat group: each pass once over the group.
+
+    The early refresh decides on the test of the last step (its flags reach the host while the device runs on),
+    so a step knows before its merge which units refresh, and writes α only where no refresh will.
+    """
+
+    def __init__(self, group: FlatGroup) -> None:
+        self.group = group
+        self.tensors, self.units = group.tensors, group.units
+
+    def prepare(self, step: Step) -> None:
+        """See :meth:`lightning_topkast.backend.Backend.prepare`."""
+        grads = [t.local_grad for t in self.tensors]
+        if any(g is not None for g in grads):
+            penalty = step.penalty
+            self.group.prepare(grads, self._coefficients([penalty] * len(grads)) if penalty else None)
+            step.pending.update(t.name for t in self.tensors)
+
+    def finish(self, step: Step) -> list[str | None]:
+        """See :meth:`lightning_topkast.backend.Backend.finish`: θ from the update; α unless a refresh follows."""
+        prepared = self.tensors[0].name in step.pending  # the group is prepared as a whole
+        step.pending.difference_update(t.name for t in self.tensors)
+        reasons = [step.schedule.due_on_last_test(unit) for unit in self.units]
+        due = [why is not None for why in reasons]
+        if prepared:
+            decoupled = None
+            if step.decoupled:
+                rates = step.rates()
+                decoupled = self._coefficients([-rates[id(t.param)] * step.decoupled for t in self.tensors])
+            self.group.merge(decoupled, alpha=not any(due))
+            if step.schedule.early_refresh is not None and not all(due):  # the test, read at the next step
+                flags = to_host(self.group.early_flags(step.schedule)).entries(len(self.units))
+                for unit, flag in zip(self.units, flags, strict=True):
+                    unit.early_flag = flag
+        return reasons
+
+    def refresh(self, step: Step, due: Sequence[bool]) -> Moved:
+        """See :meth:`lightning_topkast.backend.Backend.refresh`."""
+        for unit, refreshes in zip(self.units, due, strict=True):
+            if refreshes:  # this step's early test measured the old sets
+                step.schedule.refreshed(unit)
+        due_mask = None if all(due) else to_device(torch.tensor(due), self.group.device)
+        left, size = self.group.refresh(due_mask, self.state_kinds(step.optimizer))
+        refreshed = {id(unit) for unit, refreshes in zip(self.units, due, strict=True) if refreshes}
+        return {t.name: (left[i], size[i]) for i, t in enumerate(self.tensors) if id(t.unit) in refreshed}
+
+    def keep_states(self, step: Step) -> None:
+        """See :meth:`lightning_topkast.backend.Backend.keep_states`."""
+        self.group.keep_states(self.state_kinds(step.optimizer))
+
+    def state_kinds(self, optimizer: Optimizer) -> list[list[Tensor | None]]:
+        """The optimizer state of the group by key (``exp_avg``, ...): per key, each tensor's, or None."""
+        per_tensor = [t.optimizer_states(optimizer) for t in self.tensors]
+        keys = dict.fromkeys(key for states in per_tensor for key in states)
+        return [[states.get(key) for states in per_tensor] for key in keys]
+
+    def _coefficients(self, on_a: Sequence[float]) -> Coefficients:
+        r"""The penalty's coefficients per tensor: ``on_a`` on A, ``on_a`` / D on B \ A."""
+        on_a = list(on_a)
+        return on_a, [c / t.forward_density for c, t in zip(on_a, self.tensors, strict=True)]
 
 
 # A refresh's move of one entry, as an index into the tables of :func:`_move_tables`: its old set byte (0-7) plus

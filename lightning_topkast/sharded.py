@@ -24,7 +24,7 @@ tensor (FSDP2's ``fully_shard``: rows on one mesh dimension, replicated on the o
 and the set bytes of the local shard only, and a unit's ``offset`` is the whole tensor's index of the shard's first
 entry, so every per-entry pass compares against the whole unit's thresholds unchanged. :class:`ShardedGroup` is
 the device path's :class:`~lightning_topkast.device.FlatGroup` whose selection and counts are summed over the ranks
-that share the shards.
+that share the shards. Where the sharded θ and sets go in a checkpoint: :mod:`lightning_topkast.checkpoints`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from lightning_topkast.batched import Queries
 from lightning_topkast.device import FlatGroup
 
 if TYPE_CHECKING:
-    from lightning_topkast.state import _Unit
+    from lightning_topkast.masked import Unit
 
 DIGIT_BITS = 11
 BINS = 1 << DIGIT_BITS
@@ -271,7 +271,7 @@ class ShardedGroup(FlatGroup):
     same step) and the turnover.
     """
 
-    def __init__(self, units: Sequence[_Unit]) -> None:
+    def __init__(self, units: Sequence[Unit]) -> None:
         super().__init__(units)
         placements = [unit.tensors[0].placement for unit in self.units]
         self.group = placements[0].group
@@ -314,69 +314,3 @@ def _local_shape_and_offset(shape: torch.Size, mesh: Any, placements: tuple[Any,
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     return compute_local_shape_and_global_offset(shape, mesh, placements)
-
-
-# --- checkpoints ------------------------------------------------------------------------------------------------
-
-SAVED_APART = "saved with the model's sharded state"  # in the callback state, where θ or the set bytes would be
-_KEY = "_topkast"  # the prefix of their entries in the model's state
-
-
-def move_into_checkpoint(checkpoint: dict[str, Any], state_key: str) -> None:
-    """Put the callback state's sharded θ and set bytes where the strategy saves sharded state.
-
-    Lightning writes the callback states of rank 0 alone, so a ``DTensor`` there would keep one shard. In a
-    distributed checkpoint (the model's state holds ``DTensor``s) they join the model's state, which torch's
-    distributed checkpoint writes from every rank, and the callback state says where they went; in a consolidated
-    one (whole tensors) they are gathered whole. A collective: every rank saves.
-    """
-    from torch.distributed.tensor import DTensor
-
-    state, model = checkpoint.get("callbacks", {}).get(state_key), checkpoint.get("state_dict", {})
-    if not state or "tensors" not in state:
-        return
-    distributed = any(isinstance(value, DTensor) for value in model.values())
-    for name, saved in state["tensors"].items():
-        for key in ("theta", "code"):
-            value = saved[key]
-            if not isinstance(value, DTensor):
-                continue
-            if distributed:
-                model[_entry(state_key, name, key)] = value
-                saved[key] = SAVED_APART
-            else:
-                saved[key] = value.full_tensor().cpu()
-
-
-def load_saved_apart(state: dict[str, Any], tensors: dict[str, Any], path: Any, state_key: str) -> dict[str, Any]:
-    """``state`` with the θ and set bytes that :func:`move_into_checkpoint` saved apart, read from ``path``.
-
-    ``tensors``: the engine's, which say each entry's shape and shard. A collective: every rank loads.
-    """
-    wanted: dict[tuple[str, str], Tensor] = {}  # (tensor, "theta" or "code"): where to load it
-    for name, saved in state.get("tensors", {}).items():
-        tensor = tensors.get(name)
-        for key in ("theta", "code"):
-            if saved.get(key) != SAVED_APART or tensor is None:
-                continue  # a tensor not masked now: the engine reports the difference
-            held = getattr(tensor, key)
-            place = tensor.placement
-            wanted[name, key] = place.wrap(torch.empty_like(held)) if place else held.new_empty(tensor.shape)
-    if not wanted:
-        return state
-    if path is None:
-        raise ValueError(
-            "this Top-KAST state keeps the sharded θ and sets in a distributed checkpoint's model state: restore it "
-            "with Trainer.fit(ckpt_path=...), which says where to read them"
-        )
-    import torch.distributed.checkpoint as dcp
-
-    dcp.load({"state_dict": {_entry(state_key, *where): t for where, t in wanted.items()}}, checkpoint_id=path)
-    loaded = {**state, "tensors": {name: dict(saved) for name, saved in state["tensors"].items()}}
-    for (name, key), value in wanted.items():
-        loaded["tensors"][name][key] = value
-    return loaded
-
-
-def _entry(state_key: str, name: str, key: str) -> str:
-    return f"{_KEY}/{state_key}/{name}/{key}"

@@ -1,4 +1,4 @@
-r"""Per-tensor Top-KAST state and the in-place step mechanics; works with any torch optimizer, no Lightning needed.
+r"""The Top-KAST engine: masked tensors stepped in place by any torch optimizer; no Lightning needed.
 
 Between optimizer steps every masked parameter holds exactly its forward weights α = θ on A, 0 elsewhere, so
 anything that reads the parameter (modules, functional calls, tied weights, ``state_dict``) sees the sparse model.
@@ -18,6 +18,14 @@ A refresh is exact and cheap: only B moved since the last one, so the new k-th l
 near the old one (:func:`lightning_topkast.selection.search_thresholds`), and nothing at all changes when the counts
 say the sets still split where they did.
 
+Each concern has one place: *when* a refresh runs is :mod:`lightning_topkast.schedule`; *which* entries form A and
+B is :mod:`lightning_topkast.selection` (on the device :mod:`~lightning_topkast.batched` and the radix selects of
+:mod:`~lightning_topkast.triton_kernels` and :mod:`~lightning_topkast.sharded`); *how* each pass runs is a backend
+behind one interface (:class:`lightning_topkast.backend.Backend`): a pass per tensor
+(:mod:`~lightning_topkast.per_tensor`, through the C or torch kernels of :mod:`~lightning_topkast.kernels`) or a
+pass per flat group of tensors (:mod:`~lightning_topkast.device`). This module wires them to the optimizers, runs
+each step in order (prepare, the update, finish, refresh where due) and keeps the state.
+
 Use without Lightning::
 
     engine = TopKAST(params, densities)      # params: {name: nn.Parameter}; densities: {name: (D, D + M)}
@@ -33,8 +41,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -42,9 +48,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_topkast import kernels, selection, sharded, triton_kernels
-from lightning_topkast.device import FlatGroup, to_device
-from lightning_topkast.kernels import A_BIT, B_BIT, EVER_BIT, FinishCounts, Threshold
+from lightning_topkast import backend, kernels, per_tensor, selection, sharded
+from lightning_topkast.backend import Backend, Moved, Step
+from lightning_topkast.device import FlatGroup
+from lightning_topkast.kernels import A_BIT, Threshold
+from lightning_topkast.masked import MaskedTensor, Unit, make_unit
+from lightning_topkast.schedule import HostCopy, Schedule
 
 STATE_VERSION = 2
 
@@ -54,108 +63,6 @@ RefreshListener = Callable[[dict[str, tuple[Any, Any]]], None]
 # creates state from nothing), so their state outside B needs zeroing only when B changes. Any other optimizer is
 # zeroed after every step. Exact types: a subclass may change the update.
 _STATE_STAYS_ZERO: tuple[type[Optimizer], ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
-
-
-@dataclass(eq=False)
-class MaskedTensor:
-    """One masked parameter: its dense values θ and one byte per weight for A, B and "ever in A".
-
-    Of a sharded parameter (a ``DTensor``), θ and the set bytes cover this rank's shard only.
-    """
-
-    name: str
-    param: nn.Parameter
-    forward_density: float
-    backward_density: float
-    in_global_pool: bool
-    kernels: kernels.Kernels
-    theta: Tensor = field(init=False)
-    code: Tensor = field(init=False)
-    forward_size: Any = field(init=False, default=0)  # |A| now: an int, or a 0-dim tensor without host syncs
-    unit: _Unit = field(init=False, repr=False)  # the tensors selected together with this one
-    offset: int = field(init=False, default=0)  # index of this tensor's first entry in its unit
-    placement: sharded.Placement | None = field(init=False, default=None)  # where a shard lies in the whole tensor
-
-    def __post_init__(self) -> None:
-        self.placement = sharded.placement_of(self.name, self.param)
-        self.theta = self.local_param.detach().clone(memory_format=torch.contiguous_format)
-        self.code = torch.zeros_like(self.theta, dtype=torch.uint8)
-
-    @property
-    def local_param(self) -> Tensor:
-        """The parameter's values this rank holds: the parameter, or a ``DTensor``'s local shard (same storage)."""
-        return sharded.local(self.param)
-
-    @property
-    def numel(self) -> int:
-        """Number of weights held here (of a sharded parameter: in this rank's shard)."""
-        return self.theta.numel()
-
-    @property
-    def total(self) -> int:
-        """Number of weights in the whole tensor, over every shard."""
-        return self.numel if self.placement is None else self.placement.numel
-
-    @property
-    def shape(self) -> list[int]:
-        """The whole tensor's shape."""
-        return list(self.theta.shape if self.placement is None else self.placement.shape)
-
-    @property
-    def forward_set(self) -> Tensor:
-        """A as a bool tensor of the parameter's shape (a new tensor: compute it once per use)."""
-        return self._bit(A_BIT)
-
-    @property
-    def backward_set(self) -> Tensor:
-        """B as a bool tensor of the parameter's shape."""
-        return self._bit(B_BIT)
-
-    @property
-    def ever_active(self) -> Tensor:
-        """The weights that have ever been in A, as a bool tensor of the parameter's shape."""
-        return self._bit(EVER_BIT)
-
-    def _bit(self, bit: int) -> Tensor:
-        return (self.code & bit) != 0
-
-    @torch.no_grad()
-    def write_forward_weights(self) -> None:
-        """Make the parameter hold α: θ on A, exactly 0 elsewhere."""
-        self.local_param.copy_(torch.where(self.forward_set, self.theta, 0))
-
-    def kernels_for(self, *tensors: Tensor) -> kernels.Kernels:
-        """This tensor's kernels, or torch's when a tensor they would touch is laid out otherwise."""
-        if all(t.is_contiguous() for t in tensors):
-            return self.kernels
-        return kernels.TorchKernels()
-
-
-@dataclass(eq=False)
-class _Unit:
-    """Tensors whose sets are selected together: one tensor, or all of the global pool."""
-
-    tensors: list[MaskedTensor]
-    forward_k: int  # |A| and |B| over the unit
-    backward_k: int
-    forward: Any = None  # thresholds of the last refresh: Threshold, or two 0-dim tensors without host syncs
-    backward: Any = None
-    since_refresh: int = 0
-    spacing: tuple[float | None, float | None] = (None, None)  # score units per entry near A's and B's thresholds
-    # without host syncs: the early-refresh test of the last step, read one late
-    early_flag: _HostCopy | _HostEntry | None = None
-    size: int = field(init=False)
-    mantissa: int = field(init=False)  # of θ's dtype: a score step of 2 ** mantissa doubles |θ|
-    top: int = field(init=False)  # the score of inf
-
-    def __post_init__(self) -> None:
-        self.size = 0
-        for tensor in self.tensors:  # ties across a pool go to the earlier tensor: global indices in this order
-            # a shard's entries start where it lies in the whole tensor (a sharded tensor is a unit of its own)
-            tensor.unit, tensor.offset = self, self.size if tensor.placement is None else tensor.placement.offset
-            self.size += tensor.numel
-        dtype = self.tensors[0].theta.dtype
-        self.mantissa, self.top = kernels.mantissa_bits(dtype), kernels.infinity_score(dtype)
 
 
 class TopKAST:
@@ -217,12 +124,11 @@ class TopKAST:
         pool = [t for t in self.tensors.values() if t.in_global_pool]
         if len({t.forward_density for t in pool}) > 1:
             raise ValueError("tensors in the global pool must share one forward density")
-        self.units = [_unit([t]) for t in self.tensors.values() if not t.in_global_pool]
-        self.units += [_unit(pool)] if pool else []
-        self.update_interval = update_interval
+        self.units = [make_unit([t]) for t in self.tensors.values() if not t.in_global_pool]
+        self.units += [make_unit(pool)] if pool else []
+        self.schedule = Schedule(update_interval, early_refresh)
         self.penalty = penalty
         self.decoupled_penalty = decoupled_penalty
-        self.early_refresh = early_refresh
         self.steps: list[int] = []
         self.refreshes = 0
         self.early_refreshes = 0
@@ -237,10 +143,21 @@ class TopKAST:
         self._depth: list[int] = []  # step() calls in progress per optimizer: a subclass's step may call super's
         self._flat: dict[int, list[FlatGroup]] = {}  # per optimizer, without host syncs: its tensors' flat groups
         self._in_flat: set[str] = set()  # the names of their tensors
+        self._backends: list[list[Backend]] = []  # per optimizer: the flat groups' passes, then the per-tensor ones
         self.batched_passes = True  # without host syncs: a pass per flat group (False: per tensor, as the CPU path)
         with torch.no_grad():
             for unit in self.units:
                 self._select(unit)
+
+    @property
+    def update_interval(self) -> int:
+        """The most optimizer steps between refreshes (:attr:`schedule`'s)."""
+        return self.schedule.update_interval
+
+    @property
+    def early_refresh(self) -> float | None:
+        """The early refresh's fraction of |A|, or None (:attr:`schedule`'s)."""
+        return self.schedule.early_refresh
 
     def _kernels_for(self, param: Tensor) -> kernels.Kernels:
         return kernels.TorchKernels() if self.sync_free else kernels.for_tensor(sharded.local(param), self._compiled)
@@ -260,10 +177,10 @@ class TopKAST:
             tensor.theta = torch.empty_like(tensor.theta, device=tensor.param.device)
             tensor.code = torch.empty_like(tensor.code, device=tensor.param.device)
             tensor.kernels = self._kernels_for(tensor.param)
-        self._set_flat({})  # rebuilt on the new device below, after the state is loaded
+        self._use_backends(flat=False)  # rebuilt on the new device below, after the state is loaded
         self.load_state_dict(state)  # copies across devices, thresholds as the new path holds them
-        if self.attached and self.sync_free and self.batched_passes:
-            self._set_flat(self._flat_groups())
+        if self.attached:
+            self._use_backends(flat=self.sync_free and self.batched_passes)
         return True
 
     # --- optimizer wiring -------------------------------------------------------------------------------------
@@ -284,7 +201,7 @@ class TopKAST:
                 self._groups[owner[id(tensor.param)]].append(tensor)
                 self._owner[tensor.name] = optimizers[owner[id(tensor.param)]]
         self.steps += [0] * (len(optimizers) - len(self.steps))
-        self._set_flat(self._flat_groups() if self.sync_free and self.batched_passes else {})
+        self._use_backends(flat=self.sync_free and self.batched_passes)
         alone = [t.name for t in self.tensors.values() if t.placement is not None and t.name not in self._in_flat]
         if alone:  # its rank-local decisions could differ between ranks, and the sums would wait forever
             raise ValueError(
@@ -303,35 +220,12 @@ class TopKAST:
         """Per attached optimizer, how many of its ``step()`` calls are running now."""
         return list(self._depth)
 
-    def _flat_groups(self) -> dict[int, list[FlatGroup]]:
-        """Per optimizer, its units by dtype and device, each in one flat buffer: a pass per group, not per tensor.
-
-        A unit whose tensors two optimizers step, or of mixed dtypes or devices, stays on the per-tensor passes.
-        """
-        buckets: dict[tuple[int, torch.dtype, torch.device, Any], list[_Unit]] = {}
-        for unit in self.units:
-            owners = {id(self._owner.get(t.name)) for t in unit.tensors}
-            kinds = {(t.theta.dtype, t.theta.device) for t in unit.tensors}
-            owner = self._owner.get(unit.tensors[0].name)
-            if owner is None or len(owners) > 1 or len(kinds) > 1:
-                continue
-            index = next(i for i, opt in enumerate(self._optimizers) if opt is owner)
-            placement = unit.tensors[0].placement  # the ranks a sharded unit's sums go over
-            buckets.setdefault((index, *kinds.pop(), None if placement is None else placement.group), []).append(unit)
-        groups: dict[int, list[FlatGroup]] = {}
-        for (index, _, device, shared_with), units in buckets.items():
-            if shared_with is not None:
-                batch: FlatGroup = sharded.ShardedGroup(units)
-            elif triton_kernels.available(device):
-                batch = triton_kernels.TritonGroup(units)
-            else:
-                batch = FlatGroup(units)
-            groups.setdefault(index, []).append(batch)
-        return groups
-
-    def _set_flat(self, groups: dict[int, list[FlatGroup]]) -> None:
+    def _use_backends(self, flat: bool) -> None:
+        """Per optimizer, the backends that step its tensors: flat groups if ``flat``, then per tensor the rest."""
+        groups = backend.flat_groups(self.units, self._owner, self._optimizers) if flat else {}
         self._flat = groups
         self._in_flat = {t.name for batches in groups.values() for batch in batches for t in batch.tensors}
+        self._backends = backend.per_optimizer(self._groups, groups, self.sync_free)
 
     @property
     def attached(self) -> bool:
@@ -344,7 +238,7 @@ class TopKAST:
         for handle in self._handles:
             handle.remove()
         self._handles, self._groups, self._optimizers, self._owner = [], [], [], {}
-        self._set_flat({})
+        self._use_backends(flat=False)
 
     def _adopt_thresholds(self) -> None:
         """Flat groups take their units' thresholds anew, after a per-unit selection or a load replaced them."""
@@ -368,7 +262,7 @@ class TopKAST:
             tensor.theta.copy_(tensor.local_param)
             tensor.code.zero_()
         for unit in self.units:
-            unit.since_refresh, unit.early_flag = 0, None
+            self.schedule.refreshed(unit)
             self._select(unit)
         self._adopt_thresholds()
 
@@ -380,32 +274,15 @@ class TopKAST:
         index = self._index(optimizer)
         group = self._groups[index]
         self._restore(group)
-        penalty = 0.0 if self.decoupled_penalty else self.penalty
         for tensor in group:
             if tensor.param.grad is not None and tensor.param.grad.is_sparse:
                 raise TypeError(
                     f"{tensor.name} has a sparse gradient (nn.Embedding(sparse=True)); Top-KAST masks dense "
                     "gradients: build the embedding with sparse=False or exclude it"
                 )
-        for batch in self._flat.get(index, []):
-            grads = [None if t.param.grad is None else sharded.local(t.param.grad) for t in batch.tensors]
-            if any(g is not None for g in grads):
-                batch.prepare(grads, self._coefficients(batch, [penalty] * len(grads)) if penalty else None)
-                self._pending.update(t.name for t in batch.tensors)
-        jobs: dict[kernels.Kernels, list[kernels.PrepareJob]] = {}  # one call per kind of kernels
-        for tensor in group:
-            grad = tensor.param.grad
-            if grad is None or tensor.name in self._in_flat:
-                continue  # unused this step: the optimizer skips it too
-            # θ on B goes into the parameter so the update applies to the true values of B \ A; zeros outside B
-            # keep element-wise optimizers from creating state there. The penalty's gradient λ·c·θ is taken
-            # through the parameter, so a weight outside B that a bf16 step made NaN adds no NaN.
-            lam_a, lam_e = penalty, penalty / tensor.forward_density if penalty else 0.0
-            work = tensor.kernels_for(tensor.param, grad)
-            jobs.setdefault(work, []).append((tensor.theta, tensor.code, tensor.param, grad, lam_a, lam_e))
-            self._pending.add(tensor.name)
-        for work, batch in jobs.items():
-            work.prepare_many(batch)
+        step = self._step(index)
+        for passes in self._backends[index]:
+            passes.prepare(step)
 
     def _enter_step(self, index: int) -> None:
         self._depth[index] += 1
@@ -417,23 +294,30 @@ class TopKAST:
 
     @torch.no_grad()
     def _after_step(self, index: int) -> None:
+        """The step post-hook: finish the update of each backend, then refresh what the schedule says is due."""
         group = self._groups[index]
-        pending = [t for t in group if t.name in self._pending]
-        if not pending and _creates_state_only(self._optimizers[index]):
-            return  # not a training step: it changed nothing but the optimizer state that a load then overwrites
-        if not pending and any(t.param.grad is not None for t in group):
-            raise RuntimeError(
-                "optimizer.step() ran without TopKAST.before_step(optimizer): the update used unmasked gradients. "
-                "Under Lightning, step through the LightningOptimizer (self.optimizers()), not its .optimizer"
-            )
+        if not any(t.name in self._pending for t in group):
+            if _creates_state_only(self._optimizers[index]):
+                return  # not a training step: it changed nothing but the optimizer state that a load then overwrites
+            if any(t.param.grad is not None for t in group):
+                raise RuntimeError(
+                    "optimizer.step() ran without TopKAST.before_step(optimizer): the update used unmasked "
+                    "gradients. Under Lightning, step through the LightningOptimizer (self.optimizers()), not its "
+                    ".optimizer"
+                )
         self.steps[index] += 1
         zero_state = index in self._unchecked or type(self._optimizers[index]) not in _STATE_STAYS_ZERO
-        moved: dict[str, tuple[Any, Any]] = {}
+        step = self._step(index, zero_state)
+        moved: Moved = {}
         reasons: list[str] = []
-        for batch in self._flat.get(index, []):
-            reasons += self._after_step_flat(index, batch, moved, zero_state)
-        rest, rest_pending = ([t for t in tensors if t.name not in self._in_flat] for tensors in (group, pending))
-        reasons += self._after_step_per_tensor(index, rest, rest_pending, moved, zero_state)
+        for passes in self._backends[index]:
+            why = passes.finish(step)
+            due = [reason is not None for reason in why]
+            if any(due):
+                moved.update(passes.refresh(step, due))
+            elif zero_state:
+                passes.keep_states(step)
+            reasons += [reason for reason in why if reason is not None]
         if reasons:
             self.refreshes += 1
             self.early_refreshes += "early" in reasons
@@ -441,158 +325,10 @@ class TopKAST:
                 listener(moved)
         self._unchecked.discard(index)
 
-    def _after_step_per_tensor(
-        self,
-        index: int,
-        group: list[MaskedTensor],
-        pending: list[MaskedTensor],
-        moved: dict[str, tuple[Any, Any]],
-        zero_state: bool,
-    ) -> list[str]:
-        """:meth:`_after_step` for tensors outside flat groups; returns why each unit that refreshed did."""
-        counts = self._finish(index, pending)
-        units = list(dict.fromkeys(t.unit for t in group))
-        due = [self._due(unit, counts.get(unit)) for unit in units]
-        applied: set[_Unit] = set()  # units whose sets were written anew, optimizer state with them
-        for unit, why in zip(units, due, strict=True):
-            if why is not None:
-                moved.update(self._refresh_unit(unit, counts.get(unit), applied))
-        if zero_state:
-            # the first step after attach too: the optimizer may arrive with state restored from a dense run
-            for tensor in group:
-                if tensor.unit not in applied:
-                    for state in self._states(tensor):
-                        tensor.kernels_for(state).keep(state, tensor.code, B_BIT)
-        return [why for why in due if why is not None]
-
-    def _after_step_flat(
-        self, index: int, batch: FlatGroup, moved: dict[str, tuple[Any, Any]], zero_state: bool
-    ) -> list[str]:
-        """:meth:`_after_step` for one flat group: the same rules, each pass once over the group.
-
-        Returns why each of its units refreshed ("interval" or "early"), one entry per unit that did.
-        """
-        prepared = batch.tensors[0].name in self._pending  # the group is prepared as a whole
-        self._pending.difference_update(t.name for t in batch.tensors)
-        reasons = []
-        for unit in batch.units:
-            unit.since_refresh += 1
-            early = unit.early_flag is not None and unit.early_flag.read()  # the test of the last step
-            reasons.append(self._reason(unit, early) or "")
-        due = [bool(why) for why in reasons]
-        if prepared:
-            self._merge_flat(index, batch, due)
-        if any(due):
-            self._refresh_flat(batch, due, moved)
-        elif zero_state:
-            batch.keep_states(self._state_kinds(batch))
-        return [why for why in reasons if why]
-
-    def _merge_flat(self, index: int, batch: FlatGroup, due: list[bool]) -> None:
-        """θ from the update; α unless a refresh follows; the early refresh's test, read at the next step."""
-        decoupled = None
-        if self.decoupled_penalty and self.penalty:
-            rates = {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]}
-            decoupled = self._coefficients(batch, [-rates[id(t.param)] * self.penalty for t in batch.tensors])
-        batch.merge(decoupled, alpha=not any(due))
-        if self.early_refresh is not None and not all(due):
-            flags = _to_host(batch.early_flags(self.early_refresh)).entries(len(batch.units))
-            for unit, flag in zip(batch.units, flags, strict=True):
-                unit.early_flag = flag
-
-    def _refresh_flat(self, batch: FlatGroup, due: list[bool], moved: dict[str, tuple[Any, Any]]) -> None:
-        """New sets for the units of ``batch`` that are ``due``; their tensors' turnover into ``moved``."""
-        for unit, refreshes in zip(batch.units, due, strict=True):
-            if refreshes:  # this step's early test measured the old sets
-                unit.since_refresh, unit.early_flag = 0, None
-        due_mask = None if all(due) else to_device(torch.tensor(due), batch.device)
-        left, size = batch.refresh(due_mask, self._state_kinds(batch))
-        refreshed = {id(unit) for unit, refreshes in zip(batch.units, due, strict=True) if refreshes}
-        for i, tensor in enumerate(batch.tensors):
-            if id(tensor.unit) in refreshed:
-                moved[tensor.name] = (left[i], size[i])
-
-    def _coefficients(self, batch: FlatGroup, on_a: Sequence[float]) -> tuple[list[float], list[float]]:
-        r"""The penalty's coefficients per tensor of ``batch``: ``on_a`` on A, ``on_a`` / D on B \ A."""
-        on_a = list(on_a)
-        return on_a, [c / t.forward_density for c, t in zip(on_a, batch.tensors, strict=True)]
-
-    def _state_kinds(self, batch: FlatGroup) -> list[list[Tensor | None]]:
-        """The optimizer state of ``batch`` by key (``exp_avg``, ...): per key, each tensor's, or None."""
-        optimizer = self._owner.get(batch.tensors[0].name)
-        per_tensor = [
-            {key: sharded.local(v) for key, v in optimizer.state.get(t.param, {}).items() if _shaped_like(v, t.param)}
-            if optimizer is not None
-            else {}
-            for t in batch.tensors
-        ]
-        keys = dict.fromkeys(key for states in per_tensor for key in states)
-        return [[states.get(key) for states in per_tensor] for key in keys]
-
-    def _finish(self, index: int, pending: list[MaskedTensor]) -> dict[_Unit, FinishCounts | Tensor]:
-        """θ from the update, α back in the parameters, and the counts per unit against its thresholds."""
-        decoupled = self.decoupled_penalty and self.penalty
-        rates = {id(p): g["lr"] for g in self._optimizers[index].param_groups for p in g["params"]} if decoupled else {}
-        totals: dict[_Unit, Any] = {}
-        jobs: dict[kernels.Kernels, tuple[list[MaskedTensor], list[kernels.FinishJob]]] = {}
-        for tensor in pending:
-            unit = tensor.unit
-            dec_a = -rates[id(tensor.param)] * self.penalty if decoupled else 0.0
-            dec_e = dec_a / tensor.forward_density
-            if self.sync_free:
-                torch_kernels: kernels.TorchKernels = tensor.kernels  # type: ignore[assignment]
-                torch_kernels.merge(tensor.theta, tensor.code, tensor.param, dec_a, dec_e)
-                if self.early_refresh is None:
-                    continue
-                found = torch_kernels.finish_counts(
-                    tensor.theta, tensor.code, unit.forward, unit.backward, tensor.offset
-                )
-                totals[unit] = _add(totals.get(unit), found)
-            else:  # one call per kind of kernels
-                work = tensor.kernels_for(tensor.param)
-                if work not in jobs:
-                    jobs[work] = ([], [])
-                tensors, batch = jobs[work]
-                tensors.append(tensor)
-                batch.append(
-                    (tensor.theta, tensor.code, tensor.param, dec_a, dec_e, unit.forward, unit.backward, tensor.offset)
-                )
-        for work, (tensors, batch) in jobs.items():
-            for tensor, found in zip(tensors, work.finish_many(batch), strict=True):
-                totals[tensor.unit] = _add(totals.get(tensor.unit), found)
-        self._pending.difference_update(t.name for t in pending)
-        for unit in totals:  # members of a pool that another optimizer steps were not finished here: as they stand
-            for tensor in unit.tensors if len(unit.tensors) > 1 else ():
-                if tensor not in pending:
-                    found = kernels.TorchKernels().finish_counts(
-                        tensor.theta, tensor.code, unit.forward, unit.backward, tensor.offset
-                    )
-                    totals[unit] = _add(totals[unit], found if self.sync_free else FinishCounts(*found.tolist()))
-        return totals
-
-    def _due(self, unit: _Unit, counts: FinishCounts | Tensor | None) -> str | None:
-        """Why ``unit`` refreshes now ("interval" or "early"), or None; counts this step for it."""
-        unit.since_refresh += 1
-        early = False
-        if self.early_refresh is not None and counts is not None:
-            if self.sync_free:  # decide on the last step's test, whose value has long reached the host
-                flag, unit.early_flag = unit.early_flag, self._early_test(unit, counts[4])
-                early = flag is not None and flag.read()
-            else:
-                early = self._early_test(unit, counts.explorers_above)
-        return self._reason(unit, early)
-
-    def _reason(self, unit: _Unit, early: bool) -> str | None:
-        """The rule of when: "interval" once ``update_interval`` steps have passed, else "early" if its test says so."""
-        if unit.since_refresh >= self.update_interval:
-            return "interval"
-        return "early" if early else None
-
-    def _early_test(self, unit: _Unit, explorers: Any) -> Any:
-        needed = max(1.0, self.early_refresh * unit.forward_k)  # type: ignore[operator]
-        if isinstance(explorers, Tensor):
-            return _to_host(explorers >= needed)
-        return explorers >= needed
+    def _step(self, index: int, zero_state: bool = False) -> Step:
+        """What the backends of optimizer ``index`` are told of its step."""
+        penalty, decoupled = (0.0, self.penalty) if self.decoupled_penalty else (self.penalty, 0.0)
+        return Step(self._optimizers[index], penalty, decoupled, self.schedule, self._pending, self._states, zero_state)
 
     # --- refresh --------------------------------------------------------------------------------------------------
 
@@ -601,128 +337,23 @@ class TopKAST:
         """Re-select A and B of ``tensors`` (default: all; the whole global pool if any is in it) from |θ|."""
         chosen = self.tensors.values() if tensors is None else tensors
         units = list(dict.fromkeys(t.unit for t in chosen))
-        moved: dict[str, tuple[Any, Any]] = {}
+        moved: Moved = {}
         for unit in units:
-            moved.update(self._refresh_unit(unit, None, set()))
+            self.schedule.refreshed(unit)
+            moved.update(self._select(unit))
         self._adopt_thresholds()
         self.refreshes += 1
         for listener in self.refresh_listeners:
             listener(moved)
 
-    def _refresh_unit(
-        self, unit: _Unit, counts: FinishCounts | Tensor | None, applied: set[_Unit]
-    ) -> dict[str, tuple[Any, Any]]:
-        """New sets for ``unit``; returns the turnover ``{name: (left, size)}`` of each of its tensors.
-
-        ``unit`` joins ``applied`` when its sets (and optimizer state) are written, which a refresh that finds them
-        unchanged skips.
-        """
-        unit.since_refresh, unit.early_flag = 0, None  # this step's early test measured the old sets
-        sizes = {t.name: t.forward_size for t in unit.tensors}
-        if (
-            not self.sync_free
-            and counts is not None
-            and (
-                counts.forward_kept == counts.forward_all == unit.forward_k
-                and counts.backward_kept == counts.backward_all == unit.backward_k
-            )
-        ):
-            return {name: (0, size) for name, size in sizes.items()}  # the sets still split where they did
-        applied.add(unit)
-        if self.sync_free or counts is None:
-            return self._select(unit, sizes)
-        if len(unit.tensors) == 1 and unit.tensors[0].name not in self._pending:
-            tensor = unit.tensors[0]
-            done = tensor.kernels_for(tensor.param).refresh(
-                tensor.theta,
-                tensor.code,
-                tensor.param,
-                self._states(tensor),
-                (unit.forward_k, unit.backward_k),
-                (unit.forward, unit.backward),
-                (counts.forward_all, counts.backward_all),
-                unit.spacing,
-            )
-            if done is not None:
-                unit.forward, unit.backward, unit.spacing = done.forward, done.backward, done.spacing
-                tensor.forward_size = done.size
-                return {tensor.name: (done.left, sizes[tensor.name])}
-        searches = [
-            selection.search_threshold(k, previous, at_previous, unit.size, unit.mantissa, unit.top, spacing)
-            for k, previous, at_previous, spacing in (
-                (unit.forward_k, unit.forward, counts.forward_all, unit.spacing[0]),
-                (unit.backward_k, unit.backward, counts.backward_all, unit.spacing[1]),
-            )
-        ]
-        found = selection.search_thresholds(searches, partial(_count_at_least, unit), partial(_pick, unit))
-        if None in found:
-            return self._select(unit, sizes)
-        (unit.forward, forward_spacing), (unit.backward, backward_spacing) = found  # type: ignore[misc]
-        unit.spacing = (forward_spacing, backward_spacing)
-        return self._apply(unit, sizes)
-
-    def _select(self, unit: _Unit, sizes: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
-        """A full selection: the thresholds from all of the unit's scores."""
-        sampled = None if self.sync_free else self._sampled_thresholds(unit)
-        placement = unit.tensors[0].placement
-        if placement is not None:  # a collective: every rank selects the whole tensor's sets together
-            scores = kernels.scores(unit.tensors[0].theta)
-            unit.forward, unit.backward = sharded.unit_thresholds(scores, (unit.forward_k, unit.backward_k), placement)
-        elif sampled is not None:
-            unit.forward, unit.backward = sampled
-        else:
-            scores = torch.cat([kernels.scores(t.theta) for t in unit.tensors])
-            find = selection.threshold_tensors if self.sync_free else selection.threshold
-            unit.forward, unit.backward = find(scores, unit.forward_k), find(scores, unit.backward_k)
-        return self._apply(unit, sizes or {t.name: t.forward_size for t in unit.tensors})
-
-    def _sampled_thresholds(self, unit: _Unit) -> tuple[Threshold, Threshold] | None:
-        """Both thresholds from a window a strided sample brackets: a pass or three over θ and no copy of it.
-
-        None (a full selection then) for small units, which it would not speed up, for torch kernels, and when the
-        sample missed.
-        """
-        if unit.size <= selection.BAND_SELECT_ABOVE or not all(
-            isinstance(t.kernels, kernels.CKernels) for t in unit.tensors
-        ):
-            return None
-        stride = max(1, unit.size // selection.SAMPLE_SIZE)
-        sample = torch.cat([kernels.scores(t.theta.view(-1)[::stride]) for t in unit.tensors])
-        sample = torch.sort(sample, descending=True).values
-        searches = [
-            selection.search_sampled(k, selection.sampled_window(sample, k, unit.size, unit.top), unit.size, unit.top)
-            for k in (unit.forward_k, unit.backward_k)
-        ]
-        found = selection.search_thresholds(searches, partial(_count_at_least, unit), partial(_pick, unit))
-        if None in found:
-            return None
-        return found[0][0], found[1][0]  # type: ignore[index]
-
-    def _apply(self, unit: _Unit, sizes: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-        moved = {}
-        for tensor in unit.tensors:
-            states, offset = self._states(tensor), tensor.offset
-            pending = tensor.name in self._pending  # its parameter holds θ on B now: α comes when its step ends
-            target = tensor.local_param if not pending else torch.empty_like(tensor.theta)
-            if self.sync_free:
-                work: kernels.TorchKernels = tensor.kernels  # type: ignore[assignment]
-                left, _, tensor.forward_size = work.apply_counts(
-                    tensor.theta, tensor.code, target, unit.forward, unit.backward, offset, states
-                )
-            else:
-                left, _, tensor.forward_size = tensor.kernels_for(tensor.param, *states).apply(
-                    tensor.theta, tensor.code, target, unit.forward, unit.backward, offset, states
-                )
-            moved[tensor.name] = (left, sizes[tensor.name])
-        return moved
+    def _select(self, unit: Unit) -> Moved:
+        """A full selection of ``unit``'s sets, now."""
+        return per_tensor.select(unit, self.sync_free, self._states, self._pending)
 
     def _states(self, tensor: MaskedTensor) -> list[Tensor]:
-        """Every optimizer-state tensor shaped like the parameter, whatever the optimizer calls it."""
+        """The optimizer state of ``tensor`` (of the optimizer that steps it) in the parameter's shape."""
         optimizer = self._owner.get(tensor.name)
-        if optimizer is None:
-            return []
-        states = optimizer.state.get(tensor.param, {}).values()
-        return [sharded.local(v) for v in states if _shaped_like(v, tensor.param)]
+        return [] if optimizer is None else list(tensor.optimizer_states(optimizer).values())
 
     # --- skipped steps ----------------------------------------------------------------------------------------------
 
@@ -856,7 +487,7 @@ class TopKAST:
             )
             unit.since_refresh = int(saved["since_refresh"])
             flag = saved["early_flag"]
-            unit.early_flag = None if flag is None else _HostCopy(torch.tensor(flag))
+            unit.early_flag = None if flag is None else HostCopy(torch.tensor(flag))
             if self.sync_free:
                 for tensor in unit.tensors:
                     tensor.forward_size = torch.tensor(tensor.forward_size, device=device)
@@ -865,81 +496,6 @@ class TopKAST:
         self.refreshes = int(state["refreshes"])
         self.early_refreshes = int(state["early_refreshes"])
         self.skipped_steps = int(state["skipped_steps"])
-
-
-def _unit(tensors: list[MaskedTensor]) -> _Unit:
-    size = sum(t.total for t in tensors)
-    forward, backward = tensors[0].forward_density, tensors[0].backward_density
-    return _Unit(tensors, selection.count(forward, size), selection.count(backward, size))
-
-
-def _count_at_least(unit: _Unit, rungs: list[int]) -> list[int]:
-    totals = [0] * len(rungs)
-    for tensor in unit.tensors:
-        for start in range(0, len(rungs), kernels.RUNGS):
-            counts = tensor.kernels.count_at_least(tensor.theta, rungs[start : start + kernels.RUNGS])
-            for i, c in enumerate(counts, start):
-                totals[i] += c
-    return totals
-
-
-def _pick(unit: _Unit, windows: list[tuple[int, int, int]]) -> list[kernels.Pick]:
-    kinds = {(type(t.kernels), t.theta.dtype) for t in unit.tensors}
-    work = unit.tensors[0].kernels if len(kinds) == 1 else kernels.TorchKernels()  # a pool of mixed dtypes
-    return work.pick([t.theta for t in unit.tensors], windows)
-
-
-def _add(total: Any, counts: Any) -> Any:
-    if total is None:
-        return counts
-    if isinstance(counts, Tensor):
-        return total + counts
-    return FinishCounts(*(a + b for a, b in zip(total, counts, strict=True)))
-
-
-@dataclass(eq=False)
-class _HostCopy:
-    """A device value on its way to the host: read a step later, when its copy has long finished."""
-
-    value: Tensor
-    copied: torch.cuda.Event | None = None
-
-    _values: Any = field(default=None, init=False, repr=False)
-
-    def read(self) -> bool:
-        if self._values is None:
-            if self.copied is not None and not self.copied.query():
-                # waits only where the host runs more than a step ahead of the device: then the copy is not done
-                self.copied.synchronize()
-            self._values = self.value.tolist()
-        return bool(self._values)
-
-    def entries(self, count: int) -> list[_HostEntry]:
-        """One reader per entry of a vector, sharing this copy (read once)."""
-        return [_HostEntry(self, i) for i in range(count)]
-
-
-@dataclass(eq=False)
-class _HostEntry:
-    """One entry of a :class:`_HostCopy` of a vector."""
-
-    copy: _HostCopy
-    entry: int
-
-    def read(self) -> bool:
-        self.copy.read()
-        return bool(self.copy._values[self.entry])
-
-
-def _to_host(flag: Tensor) -> _HostCopy:
-    # on a GPU: a copy into pinned memory that completes while the device runs on
-    if flag.device.type == "cpu":
-        return _HostCopy(flag.clone())
-    host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    return _HostCopy(host, copied)
 
 
 def _this_shard(tensor: MaskedTensor, saved: Tensor) -> Tensor:
@@ -959,10 +515,6 @@ def _creates_state_only(optimizer: Optimizer) -> bool:
     return all(group["lr"] == 0 for group in optimizer.param_groups) and all(
         p.grad is None or not bool(sharded.local(p.grad).any()) for g in optimizer.param_groups for p in g["params"]
     )
-
-
-def _shaped_like(value: object, param: Tensor) -> bool:
-    return isinstance(value, Tensor) and value.shape == param.shape
 
 
 def _on_cuda(params: Iterable[Tensor]) -> bool:
