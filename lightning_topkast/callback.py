@@ -148,16 +148,16 @@ class TopKASTCallback(Callback):
     def state_key(self) -> str:
         # the targets identify an instance: several callbacks with disjoint targets keep their own state. Lightning
         # reads the key at every hook call (its profiler's action names): built once per value of the targets
-        copy = lambda patterns: None if patterns is None else tuple(patterns)  # noqa: E731  (a list edited in place)
-        targets_now = (copy(self.include), copy(self.exclude), self.dense_first_layer, self.dense_last_layer)
-        if self._state_key is None or self._state_key[0] != targets_now:
+        targets_now = (self.include, self.exclude, self.dense_first_layer, self.dense_last_layer)
+        if self._state_key is None or self._state_key[0] != targets_now:  # by value: a list edited in place counts
             key = self._generate_state_key(
                 include=self.include,
                 exclude=self.exclude,
                 dense_first_layer=self.dense_first_layer,
                 dense_last_layer=self.dense_last_layer,
             )
-            self._state_key = (targets_now, key)
+            copied = tuple(list(v) if isinstance(v, list) else v for v in targets_now)
+            self._state_key = (copied, key)
         return self._state_key[1]
 
     # --- hooks --------------------------------------------------------------------------------------------------
