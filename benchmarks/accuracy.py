@@ -752,16 +752,12 @@ def merge_tune(
 
 
 def _configuration(record: dict[str, Any]) -> Any:
-    # as JSON holds it: a fresh record's tuples are the saved one's lists
-    return json.loads(
-        json.dumps(
-            {
-                k: v
-                for k, v in record.items()
-                if k not in ("runs", "wall_seconds", "provenance", "earlier", "methods")  # methods: see main
-            }
-        )
-    )
+    # as JSON holds it: a fresh record's tuples are the saved one's lists. The tuning grids are left out: each run
+    # records the rate it trained at, and a grid widened for one method changes no other method's runs
+    kept = {k: v for k, v in record.items() if k not in ("runs", "wall_seconds", "provenance", "earlier", "methods")}
+    if isinstance(kept.get("config"), dict):
+        kept["config"] = {k: v for k, v in kept["config"].items() if k not in ("tune_lrs", "method_lrs")}
+    return json.loads(json.dumps(kept))
 
 
 def main(argv: list[str] | None = None) -> None:
