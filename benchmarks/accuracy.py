@@ -102,7 +102,7 @@ TASKS = {
     # advises; the sparse methods' optima lay at or beyond 1e-2 (docs/language-models.md), dense's at 3e-3, so the
     # sparse grid reaches 4e-2 and dense's stops at 1e-2 (1e-3 was 0.38 bits/char behind 3e-3 for dense and further
     # behind for every sparse method in the earlier grid). Static sparsity chose 4e-2, the grid's top: its grid
-    # reaches 8e-2, and so does Top-KAST 80/50's, which chose 4e-2 when tuned at its own sparsity.
+    # reaches 8e-2, and so do Top-KAST 80/50's and 95/90's, which chose 4e-2 when tuned at their own sparsities.
     "text": TaskConfig(
         steps=3000,
         batch_size=16,
@@ -116,6 +116,7 @@ TASKS = {
             "dense": (1e-3, 3e-3, 1e-2),
             "static": (3e-3, 1e-2, 2e-2, 4e-2, 8e-2),
             "topkast:0.8": (3e-3, 1e-2, 2e-2, 4e-2, 8e-2),
+            "topkast:0.95": (3e-3, 1e-2, 2e-2, 4e-2, 8e-2),
         },
     ),
 }
