@@ -58,7 +58,13 @@ def plan(seeds: list[int], lrs: dict[str, float], vocab: int) -> list[accuracy.R
             )
             runs.append(
                 accuracy.Run(
-                    "text", "topkast", SPARSITY, seed, lrs["topkast"], model=(("d_model", sparse),), tag="scaling"
+                    "text",
+                    "topkast",
+                    SPARSITY,
+                    seed,
+                    accuracy.tuned_lr(lrs, "topkast", SPARSITY),
+                    model=(("d_model", sparse),),
+                    tag="scaling",
                 )
             )
     return runs

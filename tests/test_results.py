@@ -132,3 +132,28 @@ def test_another_method_on_a_saved_seed_joins_without_dropping_it(tmp_path: Path
         {"seeds": [0], "wall_seconds": 1.0, "provenance": "first"},
         {"seeds": [1], "wall_seconds": 1.0, "provenance": "second", "runs": [["static", 0.9, 1]]},
     ]
+
+
+def test_text_tunes_top_kast_and_model_pruning_at_each_sparsity_and_the_grid_reads_each_rows_rate() -> None:
+    import accuracy
+
+    tuned = {(r.method, r.sparsity) for r in accuracy.plan_tune(["text"])}
+    assert tuned >= {("topkast", 0.8), ("topkast", 0.9), ("topkast", 0.95), ("pruning", 0.8), ("pruning", 0.9)}
+    assert {(r.method, r.sparsity) for r in accuracy.plan_tune(["images"])} == {
+        ("dense", 0.0),
+        *((m, accuracy.TUNE_SPARSITY) for m in list(accuracy.GRID)[1:]),
+    }
+    assert {r.sparsity for r in accuracy.plan_tune(["text"], ["topkast:0.8"])} == {0.8}
+
+    def run(method: str, sparsity: float, lr: float, metric: float) -> dict:
+        return {"task": "text", "method": method, "sparsity": sparsity, "lr": lr, "metric": metric}
+
+    runs = [run("topkast", 0.9, 1e-2, 2.3), run("topkast", 0.9, 2e-2, 2.2), run("topkast", 0.8, 1e-2, 2.1)]
+    runs += [run("topkast", 0.8, 2e-2, 2.2), run("dense", 0.0, 3e-3, 2.0)]
+    chosen = accuracy.choose_lrs(runs)["text"]
+    assert chosen == {"dense": 3e-3, "topkast": 2e-2, "topkast:0.8": 1e-2}
+    rates = {(r.method, r.sparsity): r.lr for r in accuracy.plan_grid(["text"], [0], {"text": chosen}, ["topkast"])}
+    assert rates == {("topkast", 0.8): 1e-2, ("topkast", 0.9): 2e-2, ("topkast", 0.95): 2e-2}  # 95: not tuned there
+    table = accuracy.tune_table("text", runs)
+    assert "| Top-KAST 80% | – | **2.100** | 2.200 |" in table
+    assert "| Top-KAST 90% | – | 2.300 | **2.200** |" in table
