@@ -202,7 +202,7 @@ def tune(args: argparse.Namespace, vocab: int) -> None:
     base = json.loads(source.read_text())["chosen"]["text"]
     saved = json.loads(args.tune_json.read_text()) if args.tune_json.exists() else None
     kept = saved["runs"] if saved else []
-    earlier = [*saved.get("earlier", []), saved["provenance"]] if saved else []
+    resumed = [*saved.get("resumed", []), saved["provenance"]] if saved else []
     todo = plan_tune(base, vocab, {(of_run(r), r["lr"]) for r in kept})
     start = time.perf_counter()
 
@@ -217,7 +217,7 @@ def tune(args: argparse.Namespace, vocab: int) -> None:
             "full budget, validation split",
             "chosen": choose(runs),
             "runs": runs,
-            **({"earlier": earlier} if earlier else {}),  # provenance of the invocations an interrupted one resumes
+            **({"resumed": resumed} if resumed else {}),  # provenance of the invocations an interrupted one resumes
         }
         common.write_json(args.tune_json, record, started)
 

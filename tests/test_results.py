@@ -132,3 +132,41 @@ def test_another_method_on_a_saved_seed_joins_without_dropping_it(tmp_path: Path
         {"seeds": [0], "wall_seconds": 1.0, "provenance": "first"},
         {"seeds": [1], "wall_seconds": 1.0, "provenance": "second", "runs": [["static", 0.9, 1]]},
     ]
+
+
+def test_the_scaling_family_tunes_each_member_and_reuses_seed_0_from_its_tuning() -> None:
+    import scaling
+
+    # the width-128 rate and one neighbour: half from width 128 up, double below
+    assert scaling.tune_rates(2e-2, 280) == (2e-2, 1e-2)
+    assert scaling.tune_rates(3e-3, 128) == (3e-3, 1.5e-3)
+    assert scaling.tune_rates(3e-3, 64) == (3e-3, 6e-3)
+
+    def run(width: int, lr: float, val: float, test: float) -> dict:
+        return {"method": "dense", "sparsity": 0.0, "seed": 0, "lr": lr, "model": [["d_model", width]],
+                "split": "val", "metric": val, "metrics": {"test": test}}  # fmt: skip
+
+    tuning = [
+        run(64, 3e-3, 2.1, 2.0),
+        run(64, 6e-3, float("nan"), 1.0),
+        run(96, 3e-3, 2.0, 1.9),
+        run(96, 6e-3, 1.9, 2.5),
+    ]
+    # validation alone chooses (d = 64's test favours the diverged rate; d = 96's the other one)
+    assert scaling.choose(tuning) == {"dense-64": 3e-3, "dense-96": 6e-3}
+    taken = scaling.reused(scaling.accuracy.Run("text", "dense", 0.0, 0, 6e-3, model=(("d_model", 96),)), tuning)
+    assert taken is not None
+    assert (taken["split"], taken["metric"], taken["validation"]) == ("test", 2.5, 1.9)
+    assert scaling.reused(scaling.accuracy.Run("text", "dense", 0.0, 1, 6e-3, model=(("d_model", 96),)), tuning) is None
+
+
+def test_a_source_line_names_the_file_that_made_runs_taken_from_it() -> None:
+    def p(commit: str) -> dict:
+        return {"commit": commit * 7, "dirty": False, "date": "2026-12-02T16:00:00"}
+
+    runs = [{"method": "dense", "sparsity": 0.0, "seed": s} for s in (0, 1)]
+    earlier = [{"seeds": [0], "wall_seconds": 1.0, "provenance": p("a"), "from": "scaling_tune.json"}]
+    record = {"runs": runs, "earlier": earlier, "provenance": p("b")}
+    assert report.made_by(record) == (
+        "seed 0: commit `aaaaaaa`, 2026-12-02 (the runs of `scaling_tune.json`); seed 1: commit `bbbbbbb`, 2026-12-02"
+    )
