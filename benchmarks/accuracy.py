@@ -669,8 +669,10 @@ def report(tasks: list[str], out: Path, plots: bool = True) -> None:
 
 
 def run_key(run: dict[str, Any]) -> tuple[Any, ...]:
-    """What makes a grid run one configuration on one seed: method, sparsity, seed."""
-    return run["method"], run.get("sparsity"), run["seed"]
+    """What makes a grid run one configuration on one seed: method, sparsity, seed, and the model's overrides where
+    it has some (``d_model=64``: the members of the scaling family)."""
+    model = ",".join(f"{k}={v}" for k, v in run.get("model") or ())
+    return (run["method"], run.get("sparsity"), run["seed"], *([model] if model else []))
 
 
 def with_other_seeds(path: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -709,6 +711,7 @@ def merge_seeds(saved: dict[str, Any] | None, record: dict[str, Any]) -> dict[st
         seeds = sorted({k[2] for k in keys})
         partial = keys != {run_key(r) for r in runs if r["seed"] in seeds}
         described = {"seeds": seeds, "wall_seconds": entry["wall_seconds"], "provenance": entry["provenance"]}
+        described |= {"from": entry["from"]} if "from" in entry else {}  # runs made in another file (scaling.py)
         earlier.append({**described, "runs": sorted(map(list, keys))} if partial else described)
     return {**record, "runs": runs, "earlier": earlier}
 

@@ -47,6 +47,11 @@ def source(*names: str) -> str:
     return "Source: " + "; ".join(parts) + "."
 
 
+def named(key: tuple[Any, ...]) -> str:
+    """A run key's configuration as a table names it: ``Top-KAST 80%/50%``, ``dense d_model=64``."""
+    return " ".join([accuracy.label(*key[:2]), *key[3:]])
+
+
 def made_by(record: dict[str, Any]) -> str:
     """The commit and date of each invocation that made the runs of ``record``, with the seeds of each where more
     than one did (``earlier``: seeds run before, merged in by ``accuracy.with_other_seeds``; an entry with ``from``
@@ -64,7 +69,7 @@ def made_by(record: dict[str, Any]) -> str:
         seeds = sorted({k[2] for k in keys})
         which = f"seed {', '.join(map(str, seeds))}" if seeds else ""
         if keys and keys != {k for k in every if k[2] in seeds}:  # some of the runs of its seeds
-            which += " (" + ", ".join(accuracy.label(m, s) for m, s in sorted({k[:2] for k in keys})) + ")"
+            which += " (" + ", ".join(sorted({named(k) for k in keys})) + ")"
         which += ": " if which else ""
         found = f" (the runs of `{e['from']}`)" if "from" in e else ""
         described.append(f"{which}commit `{p['commit'][:7]}`{dirty}, {p['date'][:10]}{found}")

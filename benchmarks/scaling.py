@@ -28,6 +28,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +235,11 @@ def measure(args: argparse.Namespace, vocab: int) -> list[dict[str, Any]]:
     if not args.tune_json.exists():
         raise SystemExit(f"no {args.tune_json}: run `python benchmarks/scaling.py --tune` first")
     tuning = json.loads(args.tune_json.read_text())
-    runs = plan(args.seeds, tuning["chosen"], vocab)
+    runs = [
+        r
+        for r in plan(args.seeds, tuning["chosen"], vocab)
+        if args.members is None or of_run(asdict(r)) in args.members
+    ]
     taken = [r for r in (reused(run, tuning["runs"]) for run in runs) if r is not None]
     todo = [run for run in runs if reused(run, tuning["runs"]) is None]
     saved = json.loads(args.json.read_text()) if args.json and args.json.exists() else None
@@ -272,6 +277,7 @@ def main() -> None:
     parser.add_argument("--from-json", type=Path, default=None, help="table and plot from a saved run, no training")
     parser.add_argument("--tune", action="store_true", help="each member's learning rate, seed 0, validation split")
     parser.add_argument("--tune-json", type=Path, default=TUNE_FILE, help="where --tune writes and the run reads")
+    parser.add_argument("--members", nargs="+", default=None, help="only these members (dense-64 topkast-136 ...)")
     args = parser.parse_args()
     if args.from_json:
         results = json.loads(args.from_json.read_text())["runs"]

@@ -170,3 +170,24 @@ def test_a_source_line_names_the_file_that_made_runs_taken_from_it() -> None:
     assert report.made_by(record) == (
         "seed 0: commit `aaaaaaa`, 2026-12-02 (the runs of `scaling_tune.json`); seed 1: commit `bbbbbbb`, 2026-12-02"
     )
+
+
+def test_members_of_the_scaling_family_join_one_invocation_at_a_time() -> None:
+    import accuracy
+
+    def runs(seed: int, widths: tuple[int, ...]) -> list[dict]:
+        return [{"method": "dense", "sparsity": 0.0, "seed": seed, "model": [["d_model", w]]} for w in widths]
+
+    tuned = {"seeds": [0], "wall_seconds": 1.0, "provenance": "tune", "from": "scaling_tune.json"}
+    saved = {"sparsity": 0.8, "wall_seconds": 2.0, "runs": runs(0, (64, 96)) + runs(1, (64,)), "earlier": [tuned]}
+    saved["provenance"] = "first"
+    merged = accuracy.merge_seeds(saved, {"sparsity": 0.8, "runs": runs(1, (96,))})
+    # seed 1 at d = 96 joins seed 1 at d = 64 instead of replacing it; seed 0 still names the file that made it
+    assert sorted(accuracy.run_key(r) for r in merged["runs"]) == [
+        ("dense", 0.0, 0, "d_model=64"),
+        ("dense", 0.0, 0, "d_model=96"),
+        ("dense", 0.0, 1, "d_model=64"),
+        ("dense", 0.0, 1, "d_model=96"),
+    ]
+    assert merged["earlier"][0] == tuned
+    assert merged["earlier"][1]["runs"] == [["dense", 0.0, 1, "d_model=64"]]
