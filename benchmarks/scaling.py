@@ -204,7 +204,11 @@ def tune(args: argparse.Namespace, vocab: int) -> None:
     saved = json.loads(args.tune_json.read_text()) if args.tune_json.exists() else None
     kept = saved["runs"] if saved else []
     resumed = [*saved.get("resumed", []), saved["provenance"]] if saved else []
-    todo = plan_tune(base, vocab, {(of_run(r), r["lr"]) for r in kept})
+    todo = [
+        r
+        for r in plan_tune(base, vocab, {(of_run(r), r["lr"]) for r in kept})
+        if args.members is None or of_run(asdict(r)) in args.members
+    ]
     start = time.perf_counter()
 
     def save(results: list[dict[str, Any]]) -> None:
