@@ -87,6 +87,17 @@ def tune_source(task: str) -> str:
     return f"Source: [`tune.json`](../benchmarks/results/tune.json) ({'; '.join(described)})."
 
 
+def tuning_source() -> str:
+    """The line under the scaling family's tuning: each invocation of ``scaling.py --tune`` (one that carried on an
+    interrupted tuning lists the ones before it under ``resumed``)."""
+    record = load("scaling_tune.json")
+    found = [*record.get("resumed", []), record["provenance"]]
+    described = [
+        f"commit `{p['commit'][:7]}`{', uncommitted changes' if p['dirty'] else ''}, {p['date'][:10]}" for p in found
+    ]
+    return f"Source: [`scaling_tune.json`](../benchmarks/results/scaling_tune.json) ({'; '.join(described)})."
+
+
 def runs_of(name: str, task: str | None = None) -> list[dict[str, Any]]:
     return [r for r in load(name)["runs"] if task is None or r["task"] == task]
 
@@ -179,7 +190,7 @@ TABLES: dict[str, Callable[[], str]] = {
         accuracy.grid_table("text", runs_of("accuracy_text.json")) + "\n\n" + source("accuracy_text.json")
     ),
     "scaling": lambda: scaling.table(runs_of("scaling.json")) + "\n\n" + source("scaling.json"),
-    "scaling-tune": lambda: scaling.tune_table(load("scaling_tune.json")) + "\n\n" + source("scaling_tune.json"),
+    "scaling-tune": lambda: scaling.tune_table(load("scaling_tune.json")) + "\n\n" + tuning_source(),
     "scaling-before": lambda: (
         scaling.table(load("scaling.json")["superseded"]["runs"])
         + "\n\nSource: [`scaling.json`](../benchmarks/results/scaling.json), its `superseded` record ("
