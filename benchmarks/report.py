@@ -69,9 +69,9 @@ def made_by(record: dict[str, Any]) -> str:
         seeds = sorted({k[2] for k in keys})
         which = f"seed {', '.join(map(str, seeds))}" if seeds else ""
         if keys and keys != {k for k in every if k[2] in seeds}:  # some of the runs of its seeds
-            which += " (" + ", ".join(sorted({named(k) for k in keys})) + ")"
+            which += " (" + ", ".join(dict.fromkeys(named(k) for k in sorted(keys, key=lambda k: (k[:2], k[3:])))) + ")"
         which += ": " if which else ""
-        found = f" (the runs of `{e['from']}`)" if "from" in e else ""
+        found = f", the runs of `{e['from']}`" if "from" in e else ""
         described.append(f"{which}commit `{p['commit'][:7]}`{dirty}, {p['date'][:10]}{found}")
     return "; ".join(described)
 

@@ -168,7 +168,7 @@ def test_a_source_line_names_the_file_that_made_runs_taken_from_it() -> None:
     earlier = [{"seeds": [0], "wall_seconds": 1.0, "provenance": p("a"), "from": "scaling_tune.json"}]
     record = {"runs": runs, "earlier": earlier, "provenance": p("b")}
     assert report.made_by(record) == (
-        "seed 0: commit `aaaaaaa`, 2026-12-02 (the runs of `scaling_tune.json`); seed 1: commit `bbbbbbb`, 2026-12-02"
+        "seed 0: commit `aaaaaaa`, 2026-12-02, the runs of `scaling_tune.json`; seed 1: commit `bbbbbbb`, 2026-12-02"
     )
 
 
