@@ -136,7 +136,8 @@ def reused(run: accuracy.Run, tuning: list[dict[str, Any]]) -> dict[str, Any] | 
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    seeds = accuracy.over_seeds(len({r["seed"] for r in results}))
+    count = len({r["seed"] for r in results})
+    seeds = accuracy.over_seeds(count)
     lines = [
         f"| model | width | non-zero parameters | test bits/char, {seeds} | training FLOPs (×10^12) | minutes "
         "| learning rate |",
@@ -148,7 +149,7 @@ def table(results: list[dict[str, Any]]) -> str:
     for (method, width), runs in sorted(keyed.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][1])):
         flops = statistics.fmean(3 * r["forward_flops_per_batch"] * r["flops_fraction"] * r["steps"] for r in runs)
         minutes = statistics.fmean(r["train_seconds"] for r in runs) / 60
-        bits = accuracy.spread([r["metric"] for r in runs], 3)
+        bits = accuracy.spread([r["metric"] for r in runs], 3) + accuracy.fewer_seeds(runs, count)  # a pair not rerun
         name = "dense" if method == "dense" else f"Top-KAST {SPARSITY:.0%}/{common.TOPKAST_BACKWARD[SPARSITY]:.0%}"
         lines.append(
             f"| {name} | {width} | {runs[0]['nonzero_parameters']:,} | {bits} | {flops / 1e12:.1f} | {minutes:.1f} "
