@@ -34,6 +34,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -140,6 +141,9 @@ class Run:
     model: tuple[tuple[str, Any], ...] = ()  # overrides of the task's model (the scaling family)
     tag: str = ""
     budget: float = 1.0  # fraction of the task's steps
+    # splits also evaluated after training, under "metrics" (the scaling family's tuning records the test split of
+    # its validation runs so that seed 0 of the main run need not train again; no choice reads them)
+    extra_splits: tuple[str, ...] = ()
 
 
 def steps_of(run: Run, quick: bool) -> int:
@@ -413,10 +417,15 @@ def train_and_evaluate(run: Run, data_dir: str | None, quick: bool, threads: int
     start = time.perf_counter()
     trainer.fit(module, _train_loader(train_set, config.batch_size))
     train_seconds = time.perf_counter() - start - curve.eval_seconds
-    evaluation = _evaluation(run, splits, run.split)
-    if quick:  # a smoke run checks the plumbing, not the number
-        evaluation = tuple(t[: len(t) // 20] for t in evaluation)
-    metric = module.evaluate(*evaluation)
+
+    def evaluate(split: str) -> float:
+        evaluation = _evaluation(run, splits, split)
+        if quick:  # a smoke run checks the plumbing, not the number
+            evaluation = tuple(t[: len(t) // 20] for t in evaluation)
+        return module.evaluate(*evaluation)
+
+    metric = evaluate(run.split)
+    metrics = {split: evaluate(split) for split in run.extra_splits}
     batch = next(iter(_train_loader(train_set, config.batch_size)))
     masked, dense = flops_per_step(module, batch[0] if run.task == "images" else batch[0][:, :-1])
     engine = getattr(topkast, "engine", None)
@@ -424,6 +433,7 @@ def train_and_evaluate(run: Run, data_dir: str | None, quick: bool, threads: int
         **asdict(run),
         "steps": trainer.global_step,
         "metric": metric,
+        **({"metrics": metrics} if metrics else {}),
         "density": common.masked_density(module),
         "nonzero_parameters": nonzero_parameters(module),
         "parameters": sum(p.numel() for p in module.parameters()),
@@ -652,8 +662,11 @@ def plot_dynamics(results: list[dict[str, Any]], path: Path) -> None:
 # --- driver --------------------------------------------------------------------------------------------------------
 
 
-def execute(runs: list[Run], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run everything on ``args.workers`` processes, slowest first, printing one line per finished run."""
+def execute(
+    runs: list[Run], args: argparse.Namespace, on_result: Callable[[list[dict[str, Any]]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Run everything on ``args.workers`` processes, slowest first, printing one line per finished run (and handing
+    the runs finished so far to ``on_result``, which can save them: a long invocation cut short keeps its runs)."""
     order = sorted(runs, key=lambda r: (r.task != "text", -dict(r.model).get("d_model", 0), r.method == "dense"))
     results = []
     context = get_context("spawn")  # torch's thread pools do not survive fork
@@ -668,6 +681,8 @@ def execute(runs: list[Run], args: argparse.Namespace) -> list[dict[str, Any]]:
                 flush=True,
             )
             results.append(r)
+            if on_result is not None:
+                on_result(results)
     return results
 
 
@@ -696,8 +711,10 @@ def report(tasks: list[str], out: Path, plots: bool = True) -> None:
 
 
 def run_key(run: dict[str, Any]) -> tuple[Any, ...]:
-    """What makes a grid run one configuration on one seed: method, sparsity, seed."""
-    return run["method"], run.get("sparsity"), run["seed"]
+    """What makes a grid run one configuration on one seed: method, sparsity, seed, and the model's overrides where
+    it has some (``d_model=64``: the members of the scaling family)."""
+    model = ",".join(f"{k}={v}" for k, v in run.get("model") or ())
+    return (run["method"], run.get("sparsity"), run["seed"], *([model] if model else []))
 
 
 def with_other_seeds(path: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -708,9 +725,13 @@ def with_other_seeds(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     each earlier invocation's seeds, provenance and wall time are kept under ``earlier``, with the runs it made
     (``runs``: method, sparsity, seed) where it made only some of the runs of its seeds.
     """
-    if not path.exists():
+    return merge_seeds(json.loads(path.read_text()) if path.exists() else None, record)
+
+
+def merge_seeds(saved: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, Any]:
+    """:func:`with_other_seeds` on a record already read (``None``: no saved record)."""
+    if saved is None:
         return record
-    saved = json.loads(path.read_text())
     new = {run_key(r) for r in record["runs"]}
     kept = [r for r in saved["runs"] if run_key(r) not in new]
     if not kept or _configuration(saved) != _configuration(record):
@@ -732,6 +753,7 @@ def with_other_seeds(path: Path, record: dict[str, Any]) -> dict[str, Any]:
         seeds = sorted({k[2] for k in keys})
         partial = keys != {run_key(r) for r in runs if r["seed"] in seeds}
         described = {"seeds": seeds, "wall_seconds": entry["wall_seconds"], "provenance": entry["provenance"]}
+        described |= {"from": entry["from"]} if "from" in entry else {}  # runs made in another file (scaling.py)
         earlier.append({**described, "runs": sorted(map(list, keys))} if partial else described)
     return {**record, "runs": runs, "earlier": earlier}
 
@@ -761,8 +783,10 @@ def merge_tune(
 
 def _configuration(record: dict[str, Any]) -> Any:
     # as JSON holds it: a fresh record's tuples are the saved one's lists. The tuning grids are left out: each run
-    # records the rate it trained at, and a grid widened for one method changes no other method's runs
-    kept = {k: v for k, v in record.items() if k not in ("runs", "wall_seconds", "provenance", "earlier", "methods")}
+    # records the rate it trained at, and a grid widened for one method changes no other method's runs. methods: see
+    # main; superseded: a record of another setup that a rerun kept whole (scaling.py)
+    dropped = ("runs", "wall_seconds", "provenance", "earlier", "methods", "superseded")
+    kept = {k: v for k, v in record.items() if k not in dropped}
     if isinstance(kept.get("config"), dict):
         kept["config"] = {k: v for k, v in kept["config"].items() if k not in ("tune_lrs", "method_lrs")}
     return json.loads(json.dumps(kept))

@@ -43,28 +43,37 @@ def load(name: str) -> dict[str, Any]:
 
 def source(*names: str) -> str:
     """The line under a table: its JSON files, each with the commit and date its run recorded."""
-    parts = []
-    for name in names:
-        record = load(name)
-        earlier = record.get("earlier", [])  # seeds run before, merged in (accuracy.with_other_seeds)
-        every = {accuracy.run_key(r) for r in record["runs"]} if earlier else set()
-        made = [
-            ({tuple(k) for k in e["runs"]} if "runs" in e else {k for k in every if k[2] in e["seeds"]}, e)
-            for e in earlier
-        ]
-        latest = every - {k for keys, _ in made for k in keys} if earlier else set()
-        runs = [(keys, e["provenance"]) for keys, e in made] + [(latest, record["provenance"])]
-        described = []
-        for keys, p in runs:  # no seeds named when one invocation made the whole file
-            dirty = ", uncommitted changes" if p["dirty"] else ""
-            seeds = sorted({k[2] for k in keys})
-            which = f"seed {', '.join(map(str, seeds))}" if seeds else ""
-            if keys and keys != {k for k in every if k[2] in seeds}:  # some of the runs of its seeds
-                which += " (" + ", ".join(accuracy.label(m, s) for m, s in sorted({k[:2] for k in keys})) + ")"
-            which += ": " if which else ""
-            described.append(f"{which}commit `{p['commit'][:7]}`{dirty}, {p['date'][:10]}")
-        parts.append(f"[`{name}`](../benchmarks/results/{name}) ({'; '.join(described)})")
+    parts = [f"[`{name}`](../benchmarks/results/{name}) ({made_by(load(name))})" for name in names]
     return "Source: " + "; ".join(parts) + "."
+
+
+def named(key: tuple[Any, ...]) -> str:
+    """A run key's configuration as a table names it: ``Top-KAST 80%/50%``, ``dense d_model=64``."""
+    return " ".join([accuracy.label(*key[:2]), *key[3:]])
+
+
+def made_by(record: dict[str, Any]) -> str:
+    """The commit and date of each invocation that made the runs of ``record``, with the seeds of each where more
+    than one did (``earlier``: seeds run before, merged in by ``accuracy.with_other_seeds``; an entry with ``from``
+    made its runs in that file, as scaling.py's tuning makes seed 0)."""
+    earlier = record.get("earlier", [])
+    every = {accuracy.run_key(r) for r in record["runs"]} if earlier else set()
+    made = [
+        ({tuple(k) for k in e["runs"]} if "runs" in e else {k for k in every if k[2] in e["seeds"]}, e) for e in earlier
+    ]
+    latest = every - {k for keys, _ in made for k in keys} if earlier else set()
+    described = []
+    for keys, e in [*made, (latest, record)]:  # no seeds named when one invocation made the whole file
+        p = e["provenance"]
+        dirty = ", uncommitted changes" if p["dirty"] else ""
+        seeds = sorted({k[2] for k in keys})
+        which = f"seed {', '.join(map(str, seeds))}" if seeds else ""
+        if keys and keys != {k for k in every if k[2] in seeds}:  # some of the runs of its seeds
+            which += " (" + ", ".join(dict.fromkeys(named(k) for k in sorted(keys, key=lambda k: (k[:2], k[3:])))) + ")"
+        which += ": " if which else ""
+        found = f", the runs of `{e['from']}`" if "from" in e else ""
+        described.append(f"{which}commit `{p['commit'][:7]}`{dirty}, {p['date'][:10]}{found}")
+    return "; ".join(described)
 
 
 def tune_source(task: str) -> str:
@@ -76,6 +85,17 @@ def tune_source(task: str) -> str:
         f"commit `{p['commit'][:7]}`{', uncommitted changes' if p['dirty'] else ''}, {p['date'][:10]}" for p in found
     ]
     return f"Source: [`tune.json`](../benchmarks/results/tune.json) ({'; '.join(described)})."
+
+
+def tuning_source() -> str:
+    """The line under the scaling family's tuning: each invocation of ``scaling.py --tune`` (one that carried on an
+    interrupted tuning lists the ones before it under ``resumed``)."""
+    record = load("scaling_tune.json")
+    found = [*record.get("resumed", []), record["provenance"]]
+    described = [
+        f"commit `{p['commit'][:7]}`{', uncommitted changes' if p['dirty'] else ''}, {p['date'][:10]}" for p in found
+    ]
+    return f"Source: [`scaling_tune.json`](../benchmarks/results/scaling_tune.json) ({'; '.join(described)})."
 
 
 def runs_of(name: str, task: str | None = None) -> list[dict[str, Any]]:
@@ -208,6 +228,13 @@ TABLES: dict[str, Callable[[], str]] = {
         accuracy.grid_table("text", runs_of("accuracy_text.json")) + "\n\n" + source("accuracy_text.json")
     ),
     "scaling": lambda: scaling.table(runs_of("scaling.json")) + "\n\n" + source("scaling.json"),
+    "scaling-tune": lambda: scaling.tune_table(load("scaling_tune.json")) + "\n\n" + tuning_source(),
+    "scaling-before": lambda: (
+        scaling.table(load("scaling.json")["superseded"]["runs"])
+        + "\n\nSource: [`scaling.json`](../benchmarks/results/scaling.json), its `superseded` record ("
+        + made_by(load("scaling.json")["superseded"])
+        + ")."
+    ),
     "optimizer-step": lambda: (
         optimizer_step.tables(load("optimizer_step.json")) + "\n\n" + source("optimizer_step.json")
     ),

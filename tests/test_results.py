@@ -157,3 +157,62 @@ def test_text_tunes_top_kast_and_model_pruning_at_each_sparsity_and_the_grid_rea
     table = accuracy.tune_table("text", runs)
     assert "| Top-KAST 80% | – | **2.100** | 2.200 |" in table
     assert "| Top-KAST 90% | – | 2.300 | **2.200** |" in table
+
+
+def test_the_scaling_family_tunes_each_member_and_reuses_seed_0_from_its_tuning() -> None:
+    import scaling
+
+    # the width-128 rate and one neighbour: half from width 128 up, double below
+    assert scaling.tune_rates(2e-2, 280) == (2e-2, 1e-2)
+    assert scaling.tune_rates(3e-3, 128) == (3e-3, 1.5e-3)
+    assert scaling.tune_rates(3e-3, 64) == (3e-3, 6e-3)
+
+    def run(width: int, lr: float, val: float, test: float) -> dict:
+        return {"method": "dense", "sparsity": 0.0, "seed": 0, "lr": lr, "model": [["d_model", width]],
+                "split": "val", "metric": val, "metrics": {"test": test}}  # fmt: skip
+
+    tuning = [
+        run(64, 3e-3, 2.1, 2.0),
+        run(64, 6e-3, float("nan"), 1.0),
+        run(96, 3e-3, 2.0, 1.9),
+        run(96, 6e-3, 1.9, 2.5),
+    ]
+    # validation alone chooses (d = 64's test favours the diverged rate; d = 96's the other one)
+    assert scaling.choose(tuning) == {"dense-64": 3e-3, "dense-96": 6e-3}
+    taken = scaling.reused(scaling.accuracy.Run("text", "dense", 0.0, 0, 6e-3, model=(("d_model", 96),)), tuning)
+    assert taken is not None
+    assert (taken["split"], taken["metric"], taken["validation"]) == ("test", 2.5, 1.9)
+    assert scaling.reused(scaling.accuracy.Run("text", "dense", 0.0, 1, 6e-3, model=(("d_model", 96),)), tuning) is None
+
+
+def test_a_source_line_names_the_file_that_made_runs_taken_from_it() -> None:
+    def p(commit: str) -> dict:
+        return {"commit": commit * 7, "dirty": False, "date": "2026-12-02T16:00:00"}
+
+    runs = [{"method": "dense", "sparsity": 0.0, "seed": s} for s in (0, 1)]
+    earlier = [{"seeds": [0], "wall_seconds": 1.0, "provenance": p("a"), "from": "scaling_tune.json"}]
+    record = {"runs": runs, "earlier": earlier, "provenance": p("b")}
+    assert report.made_by(record) == (
+        "seed 0: commit `aaaaaaa`, 2026-12-02, the runs of `scaling_tune.json`; seed 1: commit `bbbbbbb`, 2026-12-02"
+    )
+
+
+def test_members_of_the_scaling_family_join_one_invocation_at_a_time() -> None:
+    import accuracy
+
+    def runs(seed: int, widths: tuple[int, ...]) -> list[dict]:
+        return [{"method": "dense", "sparsity": 0.0, "seed": seed, "model": [["d_model", w]]} for w in widths]
+
+    tuned = {"seeds": [0], "wall_seconds": 1.0, "provenance": "tune", "from": "scaling_tune.json"}
+    saved = {"sparsity": 0.8, "wall_seconds": 2.0, "runs": runs(0, (64, 96)) + runs(1, (64,)), "earlier": [tuned]}
+    saved["provenance"] = "first"
+    merged = accuracy.merge_seeds(saved, {"sparsity": 0.8, "runs": runs(1, (96,))})
+    # seed 1 at d = 96 joins seed 1 at d = 64 instead of replacing it; seed 0 still names the file that made it
+    assert sorted(accuracy.run_key(r) for r in merged["runs"]) == [
+        ("dense", 0.0, 0, "d_model=64"),
+        ("dense", 0.0, 0, "d_model=96"),
+        ("dense", 0.0, 1, "d_model=64"),
+        ("dense", 0.0, 1, "d_model=96"),
+    ]
+    assert merged["earlier"][0] == tuned
+    assert merged["earlier"][1]["runs"] == [["dense", 0.0, 1, "d_model=64"]]
