@@ -109,6 +109,10 @@ CONFIGS: dict[str, Config] = {
     "tk80-dec3e-2-lr2e-2": _tk(2e-2, sparsity=0.8, penalty=3e-2, decoupled=True),
     "tk80-dec3e-2-lr5e-3": _tk(5e-3, sparsity=0.8, penalty=3e-2, decoupled=True),
     "tk80-dec3e-2-lr4e-2": _tk(4e-2, sparsity=0.8, penalty=3e-2, decoupled=True),
+    "tk80-dec3e-2-lr4e-2-i10-noearly": _tk(
+        4e-2, sparsity=0.8, penalty=3e-2, decoupled=True, update_interval=10, early_refresh=None
+    ),
+    "tk80-dec3e-2-i10-noearly": _tk(sparsity=0.8, penalty=3e-2, decoupled=True, update_interval=10, early_refresh=None),
     "tk90-dec1e-2-lr2e-2": _tk(2e-2, penalty=1e-2, decoupled=True),
     "tk90-dec1e-1-lr2e-2": _tk(2e-2, penalty=1e-1, decoupled=True),
     "tk90-dec1e-2-i100": _tk(penalty=1e-2, decoupled=True, update_interval=100),
