@@ -177,13 +177,7 @@ class TopKASTCallback(Callback):
             self.forward_order = list(self._loaded_state["forward_order"])  # as the checkpointed run found it
         plan = self.plan(pl_module)
         validation.check_sharded_plan(plan.parameters, self.distribution)
-        self._check_disjoint(trainer, plan)
-        self._penalty = self._resolve_penalty(trainer.optimizers, plan)
-        self._use(plan)
-        self._restore_loaded_state()
-        engine = self._require_engine()
-        engine.penalty, engine.decoupled_penalty = self._penalty  # a kept engine follows this fit's optimizers too
-        engine.attach(trainer.optimizers)
+        engine = self._start(trainer, plan)
         for hint in validation.slow_optimizers(trainer.optimizers, [t.param for t in engine.tensors.values()]):
             rank_zero_warn(hint, category=PossibleUserWarning)
         self._log_hyperparameters(trainer, pl_module)
@@ -424,13 +418,22 @@ class TopKASTCallback(Callback):
             for tensor in engine.tensors.values():
                 tensor.local_param.copy_(tensor.theta)  # the weights as they are, before the new plan masks them
         self.engine = None
+        self._start(trainer, plan, in_progress)
+        self._log_hyperparameters(trainer, pl_module)
+
+    def _start(self, trainer: Trainer, plan: Plan, steps_in_progress: list[int] | None = None) -> TopKAST:
+        """The engine for ``plan``, built or kept, restored from a loaded checkpoint, attached to the optimizers.
+
+        The one path of the fit's start and of the forward-order re-plan.
+        """
         self._check_disjoint(trainer, plan)
         self._penalty = self._resolve_penalty(trainer.optimizers, plan)
         self._use(plan)
+        self._restore_loaded_state()  # nothing to restore once the fit's start has taken it
         engine = self._require_engine()
-        engine.penalty, engine.decoupled_penalty = self._penalty
-        engine.attach(trainer.optimizers, in_progress)
-        self._log_hyperparameters(trainer, pl_module)
+        engine.penalty, engine.decoupled_penalty = self._penalty  # a kept engine follows this fit's optimizers too
+        engine.attach(trainer.optimizers, steps_in_progress)
+        return engine
 
     def _check_disjoint(self, trainer: Trainer, plan: Plan) -> None:
         mine = {id(p): name for name, p in plan.parameters.items()}

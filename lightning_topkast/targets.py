@@ -222,7 +222,7 @@ def _apply_first_last(
 
 
 class ForwardOrder(TorchFunctionMode):
-    """Records the order in which a forward pass first hands each of ``params`` to a torch function.
+    """Records the order in which a forward pass first hands each candidate of ``model`` to a torch function.
 
     A function mode sees the ``nn.Parameter`` objects themselves (``F.linear(x, self.weight)``,
     ``F.embedding(ids, self.weight)``, an LSTM's list of flat weights), before autocast makes copies of them, so a
@@ -238,15 +238,14 @@ class ForwardOrder(TorchFunctionMode):
         self._names = {id(c.param): c.name for c in candidates(model)}
         self._modules = {id(module) for module in model.modules()}
         self.order: list[str] = []
-        self.active = False
         self._depth = 0  # module forward calls in progress
-        self._hooks: list[Any] = []
+        self._hooks: list[Any] = []  # while recording: the global forward hooks that count them
 
     def start(self) -> None:
         """Begin recording (a no-op while recording)."""
-        if self.active:
+        if self._hooks:
             return
-        self._depth, self.active = 0, True
+        self._depth = 0
         self._hooks = [
             register_module_forward_pre_hook(lambda module, args: self._enter(module)),
             register_module_forward_hook(lambda module, args, output: self._leave(module), always_call=True),
@@ -255,8 +254,7 @@ class ForwardOrder(TorchFunctionMode):
 
     def stop(self) -> None:
         """End recording (a no-op unless recording)."""
-        if self.active:
-            self.active = False
+        if self._hooks:
             self.__exit__(None, None, None)
             for hook in self._hooks:
                 hook.remove()
