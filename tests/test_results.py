@@ -7,6 +7,7 @@ not exist, or shows a ratio that is not the ratio of the milliseconds beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -216,3 +217,30 @@ def test_members_of_the_scaling_family_join_one_invocation_at_a_time() -> None:
     ]
     assert merged["earlier"][0] == tuned
     assert merged["earlier"][1]["runs"] == [["dense", 0.0, 1, "d_model=64"]]
+
+
+def test_text_is_tuned_at_the_full_budget_and_seed_0_of_the_grid_is_taken_from_its_tuning() -> None:
+    import accuracy
+
+    tuning_runs = accuracy.plan_tune(["text"], ["topkast:0.8"])
+    assert {(r.budget, r.split, r.extra_splits) for r in tuning_runs} == {(1.0, "val", ("test",))}
+    assert [r.lr for r in tuning_runs] == [3e-3, 1e-2, 2e-2]
+    assert {r.budget for r in accuracy.plan_tune(["images"])} == {0.25}  # images keep the quarter budget
+
+    def made(run: accuracy.Run, val: float, test: float, commit: str) -> dict:
+        record = json.loads(json.dumps(dataclasses.asdict(run)))  # as tune.json holds it
+        return {**record, "metric": val, "metrics": {"test": test}, "train_seconds": 60.0, "provenance": commit}
+
+    tuning = [made(r, 2.0 + r.lr, 1.9 + r.lr, "tune") for r in tuning_runs]
+    grid = accuracy.plan_grid(["text"], [0, 1], {"text": {"topkast": 2e-2, "topkast:0.8": 1e-2}}, ["topkast:0.8"])
+    taken = [accuracy.reused(run, tuning) for run in grid]
+    assert taken[1] is None  # seed 1 was never trained by the tuning
+    assert taken[0] is not None
+    assert (taken[0]["split"], taken[0]["metric"], taken[0]["validation"], taken[0]["lr"]) == ("test", 1.91, 2.01, 1e-2)
+    # another rate, another budget or a tuning run without the test split is not the grid's run
+    assert accuracy.reused(dataclasses.replace(grid[0], lr=4e-2), tuning) is None
+    assert accuracy.reused(dataclasses.replace(grid[0], budget=0.25), tuning) is None
+    assert accuracy.reused(grid[0], [{**tuning[1], "metrics": {}}]) is None
+    assert accuracy.made_in_tuning([taken[0]]) == [
+        {"seeds": [0], "runs": [["topkast", 0.8, 0]], "wall_seconds": 60.0, "provenance": "tune", "from": "tune.json"}
+    ]
