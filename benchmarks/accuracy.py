@@ -14,9 +14,10 @@ ModelPruning (Zhu & Gupta's cubic schedule, a pruning step every 100 steps, at t
 run, the 234 updates of RigL's ImageNet schedule (updates every 100 of ~31,000 steps) scaled to our budgets.
 
 ``--tune`` trains every method (dense, and each sparse method at 90%) at each learning rate of the task's grid on
-the validation split, seed 0, for a quarter of the budget (schedules scaled with it), and keeps each method's best
-for all its sparsities (``tune.json``); on text, Top-KAST and ModelPruning are tuned at each of their sparsities
-(:data:`TUNE_EACH_SPARSITY`), every row at its own rate. Every grid run
+the validation split, seed 0, and keeps each method's best for all its sparsities (``tune.json``): on images for a
+quarter of the budget (schedules scaled with it); on text for the whole budget, where seed 0 of the grid is the
+tuning run at the chosen rate (it evaluates the test split too), and Top-KAST and ModelPruning are tuned at each of
+their sparsities (:data:`TUNE_EACH_SPARSITY`), every row at its own rate. Every grid run
 records the validation metric along the way (the learning curve), its training FLOPs against dense (theoretical:
 the callback's own fraction for Top-KAST, the density integrated over the schedule for ModelPruning, RigL's dense
 gradient at each update), its training wall time and, for Top-KAST, turnover and exploration over training. The
