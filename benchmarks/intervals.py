@@ -147,15 +147,20 @@ def main() -> None:
         print(f"no {tuned}: the middle learning rate of each task's grid", file=sys.stderr)
         lrs = {t: {"topkast": accuracy.TASKS[t].tune_lrs[1]} for t in tasks}
     start = time.perf_counter()
-    results = accuracy.execute(plan(tasks, args.seeds, lrs), args)
+    saved = json.loads(args.json.read_text()) if args.json and args.json.exists() else None
+
+    def save(results: list[dict[str, Any]]) -> list[dict[str, Any]]:  # after every run: a cut run keeps its runs
+        configs = {task: accuracy.asdict(accuracy.TASKS[task]) for task in tasks}
+        record = {"wall_seconds": time.perf_counter() - start, "early_refresh": EARLY, "configs": configs}
+        record = accuracy.merge_seeds(saved, {**record, "runs": results})  # earlier seeds stay, with provenance
+        common.write_json(args.json, record, started)
+        return record["runs"]
+
+    results = accuracy.execute(plan(tasks, args.seeds, lrs), args, on_result=save if args.json else None)
     wall = time.perf_counter() - start
     print(f"wall time {wall / 60:.1f} min on {args.workers} workers x {args.threads} threads")
     if args.json:
-        configs = {task: accuracy.asdict(accuracy.TASKS[task]) for task in tasks}
-        record = {"wall_seconds": wall, "early_refresh": EARLY, "configs": configs, "runs": results}
-        record = accuracy.with_other_seeds(args.json, record)  # seeds run before stay, with their provenance
-        common.write_json(args.json, record, started)
-        results = record["runs"]
+        results = save(results)
     for task in tasks:
         print("\n" + table(task, [r for r in results if r["task"] == task]) + "\n")
     if args.plot:
