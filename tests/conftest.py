@@ -359,6 +359,19 @@ def script_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def script_main(main: Callable[[Path, str], None]) -> None:
+    """Runs a test file's ``main(OUT, MODE)`` from its command line on this rank, then ends the process group.
+
+    A gloo group left for interpreter exit can abort there ("terminate called without an active exception"), and
+    the exit status, not the run, would fail the test.
+    """
+    try:
+        main(Path(sys.argv[1]), sys.argv[2])
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def run_script(
     script: Path, out: Path, *args: str, env: Mapping[str, str] | None = None, timeout: int = 240
 ) -> subprocess.CompletedProcess[str]:

@@ -14,14 +14,13 @@ import hashlib
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from conftest import engine_of, run_script
+from conftest import engine_of, run_script, script_main
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_topkast import TopKASTCallback
@@ -351,12 +350,7 @@ def _boundary_gap(theta: torch.Tensor, k: int) -> float:
 
 
 if __name__ == "__main__":
-    try:
-        main(Path(sys.argv[1]), sys.argv[2])
-    finally:
-        # a gloo group left for interpreter exit can abort there ("terminate called without an active exception")
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    script_main(main)
 
 
 @pytest.mark.slow

@@ -14,14 +14,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, script_main
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
@@ -444,4 +443,4 @@ def test_tensor_parallelism_is_refused(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    script_main(main)
