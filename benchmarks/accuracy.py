@@ -758,13 +758,20 @@ def run_key(run: dict[str, Any]) -> tuple[Any, ...]:
     return (run["method"], run.get("sparsity"), run["seed"], *([model] if model else []))
 
 
+def _row(run: dict[str, Any]) -> tuple[Any, ...]:
+    """:func:`run_key` without the seed: the row of a table whose seeds it averages."""
+    key = run_key(run)
+    return key[:2] + key[3:]
+
+
 def with_other_seeds(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     """``record`` plus the runs of ``path`` it does not hold (another seed, or another method on the same seed), so
     seeds and methods can be added one invocation at a time.
 
     Only runs of the same configuration join (every key of the record but its runs, wall time and provenance);
     each earlier invocation's seeds, provenance and wall time are kept under ``earlier``, with the runs it made
-    (``runs``: method, sparsity, seed) where it made only some of the runs of its seeds.
+    (``runs``: method, sparsity, seed) where it made only some of the runs of its seeds. A saved run of a row the
+    record reruns at another learning rate is dropped (and named on stdout): a row's seeds share one rate.
     """
     return merge_seeds(json.loads(path.read_text()) if path.exists() else None, record)
 
@@ -777,6 +784,15 @@ def merge_seeds(saved: dict[str, Any] | None, record: dict[str, Any]) -> dict[st
     kept = [r for r in saved["runs"] if run_key(r) not in new]
     if not kept or _configuration(saved) != _configuration(record):
         return record
+    # a row's seeds share one rate: a rerun at another rate supersedes the row's older seeds instead of joining them
+    rates = {_row(r): r.get("lr") for r in record["runs"]}
+    stale = {run_key(r) for r in kept if _row(r) in rates and r.get("lr") != rates[_row(r)]}
+    if stale:
+        print(f"dropped {len(stale)} saved run(s) at another rate than this invocation's: {sorted(stale)}")
+        kept = [r for r in kept if run_key(r) not in stale]
+        new |= stale
+        if not kept:
+            return record
 
     def made(entry: dict[str, Any]) -> set[tuple[Any, ...]]:
         if "runs" in entry:

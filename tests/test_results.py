@@ -219,6 +219,29 @@ def test_members_of_the_scaling_family_join_one_invocation_at_a_time() -> None:
     assert merged["earlier"][1]["runs"] == [["dense", 0.0, 1, "d_model=64"]]
 
 
+def test_a_row_rerun_at_another_rate_drops_its_older_seeds(capsys: pytest.CaptureFixture[str]) -> None:
+    import accuracy
+
+    def run(method: str, seed: int, lr: float) -> dict:
+        return {"method": method, "sparsity": 0.8, "seed": seed, "lr": lr}
+
+    saved = {"sparsity": 0.8, "wall_seconds": 2.0, "provenance": "first"}
+    saved["runs"] = [run("topkast", 0, 4e-2), run("topkast", 1, 4e-2), run("static", 0, 4e-2), run("static", 1, 4e-2)]
+    merged = accuracy.merge_seeds(saved, {"sparsity": 0.8, "runs": [run("topkast", 2, 1e-2), run("static", 2, 4e-2)]})
+    # Top-KAST's seeds 0 and 1 were at 4e-2: they would average with seed 2 at 1e-2; static's rate did not change
+    assert sorted((r["method"], r["seed"], r["lr"]) for r in merged["runs"]) == [
+        ("static", 0, 4e-2),
+        ("static", 1, 4e-2),
+        ("static", 2, 4e-2),
+        ("topkast", 2, 1e-2),
+    ]
+    assert merged["earlier"] == [{"seeds": [0, 1], "wall_seconds": 2.0, "provenance": "first"}]  # all it kept
+    assert "dropped 2 saved run(s) at another rate" in capsys.readouterr().out
+    only_stale = {**saved, "runs": saved["runs"][:2]}
+    rerun = {"sparsity": 0.8, "runs": [run("topkast", 2, 1e-2)]}
+    assert accuracy.merge_seeds(only_stale, rerun) == rerun  # nothing saved is left to keep
+
+
 def test_text_is_tuned_at_the_full_budget_and_seed_0_of_the_grid_is_taken_from_its_tuning() -> None:
     import accuracy
 
