@@ -67,6 +67,9 @@ class Config:
     update_interval: int = 1
     early_refresh: float | None = 0.01
     layers: str = "emb-dense"  # emb-dense (the benchmark's), head-dense, both-dense, all-masked, head-only-dense
+    # AdamW's moments of a weight that enters B (hypothesis 2's fixes, screened here, not in the library):
+    # zero (the library's), mean-v (v from the mean v of the rest of its tensor's B), kept (those it left B with)
+    entrant_moments: str = "zero"
     note: str = ""
 
 
@@ -106,6 +109,14 @@ CONFIGS: dict[str, Config] = {
     "tk90-dec3e-2-i100": _tk(penalty=3e-2, decoupled=True, update_interval=100),
     "tk90-dec3e-2-lr2e-2-i100": _tk(2e-2, penalty=3e-2, decoupled=True, update_interval=100),
     "tk90-dec3e-2-lr2e-2-i100-e5": _tk(2e-2, penalty=3e-2, decoupled=True, update_interval=100, early_refresh=0.05),
+    "tk90-dec3e-2-lr2e-2-meanv": _tk(2e-2, penalty=3e-2, decoupled=True, entrant_moments="mean-v"),
+    "tk90-dec3e-2-lr2e-2-kept": _tk(2e-2, penalty=3e-2, decoupled=True, entrant_moments="kept"),
+    "tk90-dec3e-2-lr2e-2-i100-meanv": _tk(
+        2e-2, penalty=3e-2, decoupled=True, update_interval=100, entrant_moments="mean-v"
+    ),
+    "tk90-dec3e-2-lr2e-2-i100-kept": _tk(
+        2e-2, penalty=3e-2, decoupled=True, update_interval=100, entrant_moments="kept"
+    ),
     "tk80-dec3e-2-lr2e-2": _tk(2e-2, sparsity=0.8, penalty=3e-2, decoupled=True),
     "tk80-dec3e-2-lr5e-3": _tk(5e-3, sparsity=0.8, penalty=3e-2, decoupled=True),
     "tk80-dec3e-2-lr4e-2": _tk(4e-2, sparsity=0.8, penalty=3e-2, decoupled=True),
@@ -276,6 +287,78 @@ class Churn(L.Callback):
             self.window = None
 
 
+class EntrantMoments(L.Callback):
+    """Hypothesis 2's fixes, screened: AdamW's moments of the weights that entered B in this step's refresh.
+
+    The engine leaves them zero (it keeps every optimizer state zero outside B), so an entrant's first update is a
+    kick of a few steady steps. ``mean-v`` starts its v at the mean v of the rest of its tensor's B; ``kept`` gives
+    back the moments it had at the start of its last step in B (zero if it was never in B). Weights outside B keep
+    zero state either way: nothing outside B moves.
+    """
+
+    def __init__(self, topkast: TopKASTCallback, how: str) -> None:
+        self.topkast, self.how = topkast, how
+        self.before: dict[str, Tensor] = {}  # B at the start of the step
+        self.shadow: dict[str, dict[str, Tensor]] = {}
+        self.given = 0  # entrants whose moments were set (kept: of those that had been in B before)
+
+    def _states(self, trainer: L.Trainer) -> Any:
+        engine = self.topkast.engine
+        assert engine is not None
+        for name, t in engine.tensors.items():
+            states = t.optimizer_states(trainer.optimizers[0])
+            if {"exp_avg", "exp_avg_sq"} <= states.keys():
+                yield name, t, states
+
+    @torch.no_grad()
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, *args: Any) -> None:
+        for name, t, states in self._states(trainer):
+            b = t.backward_set
+            self.before[name] = b
+            if self.how == "kept":
+                shadow = self.shadow.setdefault(
+                    name, {k: torch.zeros_like(states[k]) for k in ("exp_avg", "exp_avg_sq")}
+                )
+                for key, value in shadow.items():
+                    value.copy_(torch.where(b, states[key], value))
+
+    @torch.no_grad()
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        for name, t, states in self._states(trainer):
+            b = t.backward_set
+            entrants = b & ~self.before.get(name, b)
+            if not entrants.any():
+                continue
+            if self.how == "mean-v":
+                rest = states["exp_avg_sq"][b & ~entrants]
+                if rest.numel():
+                    states["exp_avg_sq"][entrants] = rest.mean()
+                    self.given += int(entrants.sum())
+            elif name in self.shadow:
+                for key, value in self.shadow[name].items():
+                    states[key][entrants] = value[entrants]
+                self.given += int((entrants & (self.shadow[name]["exp_avg_sq"] > 0)).sum())
+
+
+class UnitRefreshes(L.Callback):
+    """How many steps refreshed each masked tensor (a unit's counter is zero right after its refresh)."""
+
+    def __init__(self, topkast: TopKASTCallback) -> None:
+        self.topkast = topkast
+        self.counts: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        engine = self.topkast.engine
+        assert engine is not None
+        for name, t in engine.tensors.items():
+            self.sizes[name] = t.numel
+            self.counts[name] = self.counts.get(name, 0) + (t.unit.since_refresh == 0)
+
+
 # --- one run ----------------------------------------------------------------------------------------------------
 
 
@@ -299,6 +382,12 @@ def train(name: str, seed: int, steps: int, diagnose: int, data_dir: str | None)
     churn = Churn(topkast, diagnose) if topkast is not None and diagnose else None
     if churn is not None:
         extra.append(churn)
+    units = UnitRefreshes(topkast) if topkast is not None else None
+    if units is not None:
+        extra.append(units)
+    moments = EntrantMoments(topkast, config.entrant_moments) if topkast and config.entrant_moments != "zero" else None
+    if moments is not None:
+        extra.append(moments)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -330,6 +419,8 @@ def train(name: str, seed: int, steps: int, diagnose: int, data_dir: str | None)
         "refreshes": None if engine is None else engine.refreshes,
         "early_refreshes": None if engine is None else engine.early_refreshes,
         "churn": churn.points if churn is not None else [],
+        **({} if units is None else {"unit_refreshes": units.counts, "unit_sizes": units.sizes}),
+        **({} if moments is None else {"entrants_given_moments": moments.given}),
     }
 
 
@@ -368,6 +459,7 @@ def describe(c: dict[str, Any]) -> str:
         if c["update_interval"] != 1 or c["early_refresh"] != 0.01:
             early = f"early {c['early_refresh']:g}" if c["early_refresh"] is not None else "no early"
             what += f", interval {c['update_interval']} ({early})"
+    what += "" if c.get("entrant_moments", "zero") == "zero" else f", entrants to B: {c['entrant_moments']} moments"
     return what + ("" if c["layers"] == "emb-dense" else f", {c['layers']}")
 
 
