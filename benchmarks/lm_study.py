@@ -313,9 +313,10 @@ class EntrantMoments(L.Callback):
     @torch.no_grad()
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, *args: Any) -> None:
-        for name, t, states in self._states(trainer):
-            b = t.backward_set
-            self.before[name] = b
+        assert self.topkast.engine is not None
+        self.before = {name: t.backward_set for name, t in self.topkast.engine.tensors.items()}
+        for name, _, states in self._states(trainer):  # none before the first step creates them
+            b = self.before[name]
             if self.how == "kept":
                 shadow = self.shadow.setdefault(
                     name, {k: torch.zeros_like(states[k]) for k in ("exp_avg", "exp_avg_sq")}
@@ -516,6 +517,25 @@ def churn_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def refresh_table(runs: list[dict[str, Any]]) -> str:
+    """Per run with refresh counts per tensor: how often the sets were refreshed, counted three ways."""
+    lines = [
+        "| run | steps | seed | steps with a refresh (early) | per tensor: least, median, most | weighted by size "
+        "| validation bits/char |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        steps, counts, sizes = r["steps"], r["unit_refreshes"], r["unit_sizes"]
+        per = sorted(counts[n] / steps for n in counts)
+        weighted = sum(counts[n] * sizes[n] for n in counts) / (steps * sum(sizes.values()))
+        lines.append(
+            f"| `{r['name']}` | {steps} | {r['seed']} "
+            f"| {r['refreshes'] / steps:.1%} ({r['early_refreshes'] / steps:.1%}) "
+            f"| {per[0]:.1%}, {statistics.median(per):.1%}, {per[-1]:.1%} | {weighted:.1%} | {r['val_bits']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def commits(runs: list[dict[str, Any]]) -> str:
     found = sorted({(r["provenance"]["commit"][:7], r["provenance"]["dirty"]) for r in runs})
     return ", ".join(f"`{c}`" + (" (uncommitted changes)" if d else "") for c, d in found)
@@ -528,6 +548,9 @@ def render(path: Path = RESULTS) -> dict[str, str]:
     diagnosed = [r for r in runs if r["churn"]]
     if diagnosed:
         tables["lm-study-churn"] = churn_table(diagnosed)
+    counted = [r for r in runs if r.get("unit_refreshes")]
+    if counted:
+        tables["lm-study-refresh-work"] = refresh_table(counted)
     source = f"Source: [`lm_study.json`](../benchmarks/results/lm_study.json) (commits {commits(runs)})."
     return {name: f"{body}\n\n{source}\n" for name, body in tables.items()}
 
