@@ -542,16 +542,18 @@ def commits(runs: list[dict[str, Any]]) -> str:
 
 
 def render(path: Path = RESULTS) -> dict[str, str]:
-    """The page's generated tables, by name: one per step budget, and the churn diagnostics."""
+    """The page's generated tables, by name: one per step budget, the churn diagnostics and the refresh counts per
+    tensor. Names start with the JSON's stem (``lm_study_moments.json``: ``lm-study-moments-3000``, ...)."""
     runs = json.loads(path.read_text())["runs"]
-    tables = {f"lm-study-{s}": table(runs, s) for s in sorted({r["steps"] for r in runs})}
+    prefix = path.stem.replace("_", "-")
+    tables = {f"{prefix}-{s}": table(runs, s) for s in sorted({r["steps"] for r in runs})}
     diagnosed = [r for r in runs if r["churn"]]
     if diagnosed:
-        tables["lm-study-churn"] = churn_table(diagnosed)
+        tables[f"{prefix}-churn"] = churn_table(diagnosed)
     counted = [r for r in runs if r.get("unit_refreshes")]
     if counted:
-        tables["lm-study-refresh-work"] = refresh_table(counted)
-    source = f"Source: [`lm_study.json`](../benchmarks/results/lm_study.json) (commits {commits(runs)})."
+        tables[f"{prefix}-refresh-work"] = refresh_table(counted)
+    source = f"Source: [`{path.name}`](../benchmarks/results/{path.name}) (commits {commits(runs)})."
     return {name: f"{body}\n\n{source}\n" for name, body in tables.items()}
 
 

@@ -19,13 +19,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import lm_study  # noqa: E402
 
 
-def test_the_study_page_holds_what_its_json_says() -> None:
+@pytest.mark.parametrize("path", sorted(lm_study.RESULTS.parent.glob("lm_study*.json")), ids=lambda p: p.name)
+def test_the_study_page_holds_what_its_json_says(path: Path) -> None:
     page = lm_study.PAGE.read_text()
-    for name, body in lm_study.render().items():
+    for name, body in lm_study.render(path).items():
         block = re.search(rf"<!-- table:{name} -->\n(.*?)<!-- /table -->", page, re.DOTALL)
         assert block is not None, f"docs/language-models.md has no table {name}"
         assert block.group(1) == body, (
-            f"table {name} differs from lm_study.json: python benchmarks/lm_study.py --report"
+            f"table {name} differs from {path.name}: python benchmarks/lm_study.py --json {path} --report"
         )
 
 
