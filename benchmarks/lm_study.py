@@ -472,7 +472,8 @@ def table(runs: list[dict[str, Any]], steps: int) -> str:
     reference = min(statics, key=lambda n: statistics.fmean(r["val_bits"] for r in found[n]), default="")
     ref = {r["seed"]: r["val_bits"] for r in found.get(reference, [])}
     lines = [
-        f"| run | configuration | lr | seeds | validation bits/char | per seed, to `{reference}` | refreshes (early) "
+        f"| run | configuration | lr | seeds | validation bits/char "
+        f"| per seed, to {f'`{reference}`' if reference else 'static (none here)'} | refreshes (early) "
         "| minutes |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -518,7 +519,7 @@ def churn_table(runs: list[dict[str, Any]]) -> str:
 
 
 def refresh_table(runs: list[dict[str, Any]]) -> str:
-    """Per run with refresh counts per tensor: how often the sets were refreshed, counted three ways."""
+    """Per run with refresh counts per tensor and a long interval: how often the sets were refreshed, three ways."""
     lines = [
         "| run | steps | seed | steps with a refresh (early) | per tensor: least, median, most | weighted by size "
         "| validation bits/char |",
@@ -550,7 +551,7 @@ def render(path: Path = RESULTS) -> dict[str, str]:
     diagnosed = [r for r in runs if r["churn"]]
     if diagnosed:
         tables[f"{prefix}-churn"] = churn_table(diagnosed)
-    counted = [r for r in runs if r.get("unit_refreshes")]
+    counted = [r for r in runs if r.get("unit_refreshes") and r["config"]["update_interval"] != 1]
     if counted:
         tables[f"{prefix}-refresh-work"] = refresh_table(counted)
     source = f"Source: [`{path.name}`](../benchmarks/results/{path.name}) (commits {commits(runs)})."
