@@ -329,7 +329,7 @@ class EntrantMoments(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         for name, t, states in self._states(trainer):
             b = t.backward_set
-            entrants = b & ~self.before.get(name, b)
+            entrants = b & ~self.before[name]
             if not entrants.any():
                 continue
             if self.how == "mean-v":
@@ -381,14 +381,9 @@ def train(name: str, seed: int, steps: int, diagnose: int, data_dir: str | None)
     curve = accuracy.Curve(max(steps // 5, 1), accuracy._evaluation(run, splits, "val", task.curve_windows))
     extra: list[L.Callback] = [common.ClipGradients(task.gradient_clip_val), curve]
     churn = Churn(topkast, diagnose) if topkast is not None and diagnose else None
-    if churn is not None:
-        extra.append(churn)
     units = UnitRefreshes(topkast) if topkast is not None else None
-    if units is not None:
-        extra.append(units)
     moments = EntrantMoments(topkast, config.entrant_moments) if topkast and config.entrant_moments != "zero" else None
-    if moments is not None:
-        extra.append(moments)
+    extra += [c for c in (churn, units, moments) if c is not None]
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
